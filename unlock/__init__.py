@@ -1,3 +1,6 @@
 """UNLOCK: extract a capability direction from a source model and carry it into a target model."""
 
-__version__ = "0.1.0"
+from unlock._version import __version__
+from unlock.artifacts import ArtifactError, Capability, TargetInfo
+
+__all__ = ["ArtifactError", "Capability", "TargetInfo", "__version__"]

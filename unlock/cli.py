@@ -1,0 +1,233 @@
+"""`unlock`: build, inspect and try capabilities from the command line.
+
+Every command exits with status 2 and a one-line message on stderr when its input is wrong, and writes its
+output file only once it is complete (a temporary file renamed into place).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import fields
+
+from unlock._version import __version__
+from unlock.artifacts import Capability
+from unlock.directions import AGGREGATIONS
+from unlock.ops import MODES
+from unlock.pipeline import (
+    AlignConfig,
+    Extracted,
+    ExtractConfig,
+    ModelCache,
+    ModelOptions,
+    Timer,
+    run_align,
+    run_extract,
+)
+
+EXIT_USAGE = 2
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("models")
+    group.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available)")
+    group.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass during capture")
+    group.add_argument("--chat-template", dest="chat", action="store_true", help="wrap prompts in the chat template")
+    group.add_argument("--layers-module", help="dotted path of the decoder-layer ModuleList, if not found by itself")
+
+
+def add_extract_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("extraction")
+    group.add_argument("--source-locked", required=True, help="source model without the capability")
+    group.add_argument("--source-unlocked", help="source model with it (default: --source-locked, other template)")
+    group.add_argument("--data", required=True, help="JSONL file, one object per line")
+    group.add_argument("--field", default="question", help="the field holding the question (default: question)")
+    group.add_argument("-n", type=int, default=64, help="number of examples (the first N of the file)")
+    group.add_argument("--locked-template", default="direct", help="direct, cot, or a file with {question}")
+    group.add_argument("--unlocked-template", default="cot", help="direct, cot, or a file with {question}")
+    group.add_argument("--aggregation", choices=AGGREGATIONS, default="mean")
+
+
+def add_align_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("alignment and artifact")
+    group.add_argument("--target", required=True, help="the model to steer")
+    group.add_argument("--rank", type=int, default=32, help="k = min(rank, N)")
+    group.add_argument("--center", action="store_true", help="centre activations before the fit")
+    group.add_argument("--holdout", type=float, default=0.2, help="fraction of prompts held out for the error")
+    group.add_argument("--seed", type=int, default=0, help="seed of the fit/held-out split")
+    group.add_argument("--layers", default="all", help="target layers: all, 4-12, 0,2,5, -1 (default all)")
+    group.add_argument("--mode", choices=MODES, default="rotate")
+    group.add_argument("--strength", type=float, default=0.1, help="default strength")
+    group.add_argument("--name", required=True, help="capability name")
+    group.add_argument("--store", choices=("factors", "directions"), default="factors")
+    group.add_argument("-o", "--output", required=True, help="capability file to write (.safetensors)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unlock", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"unlock {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    build = commands.add_parser("build", help="extract, align and write a capability in one go")
+    add_extract_options(build)
+    add_align_options(build)
+    add_model_options(build)
+
+    extract = commands.add_parser("extract", help="source directions, written to an intermediate file")
+    add_extract_options(extract)
+    extract.add_argument("-o", "--output", required=True, help="intermediate file to write (.safetensors)")
+    add_model_options(extract)
+
+    align = commands.add_parser("align", help="map an `unlock extract` file into a target: the capability")
+    align.add_argument("--extracted", required=True, help="file written by `unlock extract`")
+    add_align_options(align)
+    add_model_options(align)
+
+    inspect = commands.add_parser("inspect", help="describe a capability file")
+    inspect.add_argument("file")
+    inspect.add_argument("--json", action="store_true", help="print the metadata as JSON")
+
+    generate = commands.add_parser("generate", help="greedy generation with capabilities switched on")
+    generate.add_argument("--model", required=True)
+    generate.add_argument(
+        "--capability", action="append", default=[], metavar="FILE[@STRENGTH]", help="repeatable"
+    )
+    generate.add_argument("--prompt", action="append", required=True, help="repeatable; one generation each")
+    generate.add_argument("--template", help="direct, cot or a file: the prompt is then the question")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--ignore-eos", action="store_true")
+    generate.add_argument("--json", action="store_true", help="one JSON object per prompt with token ids")
+    add_model_options(generate)
+    return parser
+
+
+def pick(cls, args: argparse.Namespace):
+    """Fill a config dataclass from the parsed arguments of the same names."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+
+def cmd_extract(args: argparse.Namespace, timer: Timer) -> None:
+    models = ModelCache(pick(ModelOptions, args), timer)
+    extracted = run_extract(pick(ExtractConfig, args), models)
+    with timer.stage("write"):
+        extracted.save(args.output)
+    print(f"wrote {args.output}: directions for {extracted.directions.shape[0]} source layers")
+    print(timer.report())
+
+
+def cmd_align(args: argparse.Namespace, timer: Timer, extracted: Extracted | None = None,
+              models: ModelCache | None = None) -> None:  # fmt: skip
+    models = models or ModelCache(pick(ModelOptions, args), timer)
+    if extracted is None:
+        with timer.stage("read extracted"):
+            extracted = Extracted.load(args.extracted)
+    capability, _ = run_align(extracted, pick(AlignConfig, args), models)
+    with timer.stage("write"):
+        capability.save(args.output)
+    print(describe(capability))
+    print(f"wrote {args.output}")
+    print(timer.report())
+
+
+def cmd_build(args: argparse.Namespace, timer: Timer) -> None:
+    models = ModelCache(pick(ModelOptions, args), timer)
+    cmd_align(args, timer, run_extract(pick(ExtractConfig, args), models), models)
+
+
+def describe(capability: Capability) -> str:
+    meta = capability.metadata
+    lines = [
+        f"capability  {capability.name}",
+        f"sha256      {capability.sha256}",
+        f"mode        {capability.mode} (default strength {capability.default_strength:g})",
+        f"target      {capability.target_name} ({capability.target_architecture}, "
+        f"{capability.target_num_layers} layers, hidden {capability.target_hidden_size})",
+        f"storage     {capability.storage}"
+        + (f" (rank {capability.tensors['align.m'].shape[-1]})" if capability.storage == "factors" else ""),
+    ]
+    if "source_locked" in meta:
+        lines.append(f"source      locked {meta['source_locked']}, unlocked {meta.get('source_unlocked')}")
+        lines.append(
+            f"method      N={meta.get('n')} (fit {meta.get('n_fit')}, held out {meta.get('n_holdout')}), "
+            f"rank {meta.get('rank')}, {meta.get('aggregation')}, center={meta.get('center')}, "
+            f"templates {meta.get('locked_template')} -> {meta.get('unlocked_template')}"
+        )
+    lines.append(f"version     unlock {meta['unlock_version']}")
+    errors = capability.alignment_errors or [math.nan] * len(capability.layers)
+    sources = json.loads(meta["source_layers"]) if "source_layers" in meta else [None] * len(capability.layers)
+    norms = capability.target_directions().norm(dim=-1).tolist()
+    lines.append("layer  source  |r_t|       held-out error")
+    for layer, source, norm, error in zip(capability.layers, sources, norms, errors):
+        lines.append(f"{layer:5d}  {'-' if source is None else source:>6}  {norm:10.4g}  {error:.4f}")
+    return "\n".join(lines)
+
+
+def cmd_inspect(args: argparse.Namespace, timer: Timer) -> None:
+    capability = Capability.load(args.file)
+    if args.json:
+        shapes = {name: list(t.shape) for name, t in capability.tensors.items()}
+        print(json.dumps({"sha256": capability.sha256, "metadata": capability.metadata, "tensors": shapes}, indent=2))
+    else:
+        print(describe(capability))
+
+
+def parse_capability(spec: str) -> tuple[Capability, float]:
+    """FILE or FILE@STRENGTH (the strength defaults to the capability's own)."""
+    path, sep, strength = spec.rpartition("@")
+    if sep:
+        try:
+            value = float(strength)
+        except ValueError:
+            path, value = spec, None  # an '@' inside the file name
+    else:
+        path, value = spec, None
+    capability = Capability.load(path)
+    value = capability.default_strength if value is None else value
+    if not math.isfinite(value):
+        raise ValueError(f"strength in {spec!r} must be a finite number")
+    return capability, value
+
+
+def cmd_generate(args: argparse.Namespace, timer: Timer) -> None:
+    from unlock.capture import format_prompts
+    from unlock.steering import steered_generate
+    from unlock.templates import load_template
+
+    selection = [parse_capability(spec) for spec in args.capability]  # bad files fail before the model loads
+    lm = ModelCache(pick(ModelOptions, args), timer).get(args.model)
+    for capability, _ in selection:
+        capability.check_target(lm.num_layers, lm.hidden_size)
+    template = load_template(args.template) if args.template else "{question}"
+    prompts = format_prompts(lm.tokenizer, args.prompt, template, args.chat)
+    results = steered_generate(
+        lm.model, lm.tokenizer, prompts, [selection] * len(prompts), args.max_new_tokens,
+        ignore_eos=args.ignore_eos, chat=args.chat, layers=lm.layers,
+    )  # fmt: skip
+    for prompt, result in zip(prompts, results):
+        if args.json:
+            record = {"prompt": prompt, "text": result.text, "token_ids": result.token_ids, "logprobs": result.logprobs}
+            print(json.dumps(record))
+        else:
+            print(result.text)
+
+
+COMMANDS = {"build": cmd_build, "extract": cmd_extract, "align": cmd_align, "inspect": cmd_inspect,
+            "generate": cmd_generate}  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args, Timer())
+    except (ValueError, OSError) as err:  # ArtifactError is a ValueError; OSError covers unreadable models/files
+        print(f"unlock {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
