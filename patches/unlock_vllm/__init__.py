@@ -1,1 +1,23 @@
+"""unlock_vllm: the vLLM plugin that applies registered capabilities per request (see docs/patch.md)."""
 
+from __future__ import annotations
+
+from typing import Any
+
+from unlock_vllm.config import CONFIG_KEY, DEFAULT_MAX_CAPABILITIES
+
+WORKER_EXTENSION = "unlock_vllm.worker.UnlockWorkerExtension"
+
+
+def engine_kwargs(max_capabilities: int = DEFAULT_MAX_CAPABILITIES) -> dict[str, Any]:
+    """Keyword arguments to merge into `AsyncEngineArgs(...)` / `LLM(...)` to switch steering on.
+
+    `additional_config["unlock"]` is both the switch the workers read and part of vLLM's config hash, so a
+    torch.compile cache built without the steering hooks is never loaded for a steered engine.
+    """
+    if max_capabilities < 1:
+        raise ValueError(f"max_capabilities={max_capabilities} must be >= 1")
+    return {
+        "worker_extension_cls": WORKER_EXTENSION,
+        "additional_config": {CONFIG_KEY: {"version": 1, "max_capabilities": int(max_capabilities)}},
+    }
