@@ -1,8 +1,8 @@
 """Convert a GGUF file into an ordinary Hugging Face folder (safetensors + tokenizer + config).
 
 The real models this project can reach offline ship as quantized GGUF files (see ASSETS.md). transformers
-dequantizes a GGUF on load; saving the result once gives a folder that vLLM, transformers and `unlock` all read
-the same way, without the `gguf` package or a slow dequantization at every start.
+dequantizes a GGUF on load; saving the result once gives a folder that vLLM, transformers and `unlock`
+all read the same way, without the `gguf` package or a slow dequantization at every start.
 
 The write is atomic (a temporary sibling directory renamed into place) and idempotent: a folder that already
 holds a finished conversion of the same file is returned as is.
@@ -18,21 +18,25 @@ from pathlib import Path
 
 import torch
 
-# Written last into a finished folder; its presence (with a matching source) is what "already converted" means.
+# Written last into a finished folder; with a matching source it is what "already converted" means.
 MARKER = "unlock_convert.json"
 
 
-def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
+def convert_gguf(
+    gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32
+) -> Path:
     """Convert `gguf_path` into an HF folder at `out_dir` and return `out_dir`.
 
     Weights are saved in `dtype` (float32 by default: the quantized values dequantize exactly into it).
-    Skips the work when `out_dir` already holds a conversion of the same file (name and size) in the same dtype;
+    Skips the work when `out_dir` already holds a conversion of the same file (name, size) in the same dtype;
     refuses to overwrite a folder that holds anything else.
     """
     gguf_path = Path(gguf_path).resolve()
     out_dir = Path(out_dir)
     if not gguf_path.is_file():
-        raise FileNotFoundError(f"GGUF file {gguf_path} does not exist; fetch it first (bench/fetch_assets.py)")
+        raise FileNotFoundError(
+            f"GGUF file {gguf_path} does not exist; fetch it first (bench/fetch_assets.py)"
+        )
     source = {"gguf_file": gguf_path.name, "gguf_size": gguf_path.stat().st_size, "dtype": str(dtype)}
     if out_dir.exists():
         if _finished_conversion_of(out_dir) == source:
@@ -57,7 +61,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
 
 
 def _make_readable(directory: Path) -> None:
-    # mkdtemp (and safetensors) create owner-only entries; a model folder is shared with servers and other users.
+    # mkdtemp (and safetensors) create owner-only entries; a model folder is shared with servers and users.
     directory.chmod(0o755)
     for path in directory.iterdir():
         path.chmod(0o644)
@@ -74,8 +78,10 @@ def _convert_into(gguf_path: Path, dest: Path, dtype: torch.dtype) -> None:
 
     directory, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=dtype, **_dense_load_kwargs())
-    # Newer transformers attach a GGUF quantizer that refuses to save; the weights are dense by now, so drop it.
+    model = AutoModelForCausalLM.from_pretrained(
+        directory, gguf_file=name, dtype=dtype, **_dense_load_kwargs()
+    )
+    # Newer transformers attach a GGUF quantizer that refuses to save; the weights are dense now: drop it.
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None:
         quantizer.remove_quantization_config(model)
@@ -94,16 +100,18 @@ def _dense_load_kwargs() -> dict:
 
 
 def _write_both_rope_keys(config_path: Path) -> None:
-    """Give the config both `rope_parameters` (transformers 5) and `rope_theta` (older readers, vLLM's fallbacks).
+    """Give the config both `rope_parameters` (transformers 5) and `rope_theta` (older readers, fallbacks).
 
-    transformers 5 writes only `rope_parameters`; a reader that looks for `rope_theta` would silently use its own
-    default base and compute wrong positions. Writing both keeps every reader on the GGUF's value.
+    transformers 5 writes only `rope_parameters`; a reader that looks for `rope_theta` would silently use its
+    own default base and compute wrong positions. Writing both keeps every reader on the GGUF's value.
     """
     config = json.loads(config_path.read_text())
     params = config.get("rope_parameters")
     theta = config.get("rope_theta")
     if params is None and theta is None:
-        raise ValueError(f"{config_path} has neither rope_parameters nor rope_theta; cannot pin the RoPE base")
+        raise ValueError(
+            f"{config_path} has neither rope_parameters nor rope_theta; cannot pin the RoPE base"
+        )
     if params is None:
         params = {"rope_type": "default", "rope_theta": theta}
     params.setdefault("rope_type", "default")
