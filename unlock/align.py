@@ -21,12 +21,14 @@ def depth_map(target_layer: int, source_layers: int, target_layers: int) -> int:
 
 
 def split_indices(n: int, holdout: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A seeded random split of n prompts into (fit, held-out) index tensors; holdout is a fraction in [0, 1)."""
+    """A seeded random split of n prompts into (fit, held-out) indices; holdout is a fraction in [0, 1)."""
     if not 0.0 <= holdout < 1.0:
         raise ValueError(f"holdout must be a fraction in [0, 1), got {holdout}")
     n_hold = math.ceil(holdout * n) if holdout > 0 else 0
     if n - n_hold < 1 or (holdout > 0 and n_hold < 1):
-        raise ValueError(f"cannot hold out {holdout:.0%} of {n} prompts and fit on the rest; use more prompts")
+        raise ValueError(
+            f"cannot hold out {holdout:.0%} of {n} prompts and fit on the rest; use more prompts"
+        )
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return order[n_hold:].sort().values, order[:n_hold].sort().values
 
@@ -99,8 +101,8 @@ class Alignment:
     n_holdout: int
 
     def target_directions(self, source_directions: torch.Tensor) -> torch.Tensor:
-        """r_t = v_s[s(t)] V_s M V_t^T for every steered layer: source [L_s, d_s] -> float32 [len(layers), d_t]."""
-        rows = [m.apply(source_directions[s]) for m, s in zip(self.maps, self.source_layers)]
+        """r_t = v_s[s(t)] V_s M V_t^T per steered layer: source [L_s, d_s] -> float32 [len(layers), d_t]."""
+        rows = [m.apply(source_directions[s]) for m, s in zip(self.maps, self.source_layers, strict=True)]
         return torch.stack(rows).float()
 
 
@@ -115,19 +117,32 @@ def align(
 ) -> Alignment:
     """Fit the map of each target layer in ``target_layers``.
 
-    source_acts [N, n_s, d_s] and target_acts [N, n_t, d_t] come from the same N locked prompts. The maps are fit
-    on a seeded random split of the prompts and the relative error is measured on the rest.
+    source_acts [N, n_s, d_s] and target_acts [N, n_t, d_t] come from the same N locked prompts. The maps are
+    fit on a seeded random split of the prompts and the relative error is measured on the rest.
     """
     n, n_s, d_s = source_acts.shape
     if target_acts.shape[0] != n:
-        raise ValueError(f"source has {n} prompts but target has {target_acts.shape[0]}; they must be the same")
+        raise ValueError(
+            f"source has {n} prompts but target has {target_acts.shape[0]}; they must be the same"
+        )
     n_t, d_t = target_acts.shape[1:]
     fit, held = split_indices(n, holdout, seed)
     source_layers = [depth_map(t, n_s, n_t) for t in target_layers]
     maps, errors = [], []
-    for t, s in zip(target_layers, source_layers):
+    for t, s in zip(target_layers, source_layers, strict=True):
         layer_map = fit_layer(source_acts[fit, s], target_acts[fit, t], rank, center)
         maps.append(layer_map)
         has_held = len(held) > 0
-        errors.append(relative_error(layer_map, source_acts[held, s], target_acts[held, t]) if has_held else math.nan)
-    return Alignment(target_layers, source_layers, maps, errors, effective_rank(rank, len(fit), d_s, d_t), center, len(fit), len(held))
+        errors.append(
+            relative_error(layer_map, source_acts[held, s], target_acts[held, t]) if has_held else math.nan
+        )
+    return Alignment(
+        target_layers,
+        source_layers,
+        maps,
+        errors,
+        effective_rank(rank, len(fit), d_s, d_t),
+        center,
+        len(fit),
+        len(held),
+    )

@@ -35,8 +35,9 @@ REQUIRED_KEYS = (
 # Written by `unlock build`/`align` when known; a loader accepts any subset of them.
 OPTIONAL_KEYS = (
     "source_locked", "source_unlocked", "source_architecture", "source_num_layers", "source_hidden_size",
-    "source_layers", "data", "field", "n", "n_fit", "n_holdout", "split_seed", "rank", "aggregation", "center",
-    "locked_template", "unlocked_template", "chat_template", "alignment_errors", "dtype", "rank_requested",
+    "source_layers", "data", "field", "n", "n_fit", "n_holdout", "split_seed", "rank", "rank_requested",
+    "aggregation", "center", "locked_template", "unlocked_template", "chat_template", "alignment_errors",
+    "dtype",
 )  # fmt: skip
 FACTOR_TENSORS = ("source_directions", "align.v_s", "align.m", "align.v_t")
 
@@ -56,13 +57,17 @@ class TargetInfo:
 
 
 def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    """safetensors bytes, float32 little-endian, header keys sorted: identical content gives identical bytes."""
+    """safetensors bytes, float32 little-endian, header keys sorted: same content, same bytes."""
     header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
     chunks, offset = [], 0
     for name in sorted(tensors):
         array = tensors[name].detach().to(torch.float32).contiguous().cpu().numpy().astype("<f4")
         chunk = array.tobytes()
-        header[name] = {"dtype": "F32", "shape": list(array.shape), "data_offsets": [offset, offset + len(chunk)]}
+        header[name] = {
+            "dtype": "F32",
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + len(chunk)],
+        }
         chunks.append(chunk)
         offset += len(chunk)
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -75,7 +80,9 @@ def read_header_metadata(data: bytes) -> dict[str, str]:
         raise ArtifactError(f"not a capability file: {len(data)} bytes, too short for a safetensors header")
     size = int.from_bytes(data[:8], "little")
     if 8 + size > len(data):
-        raise ArtifactError(f"truncated capability file: header says {size} bytes, the file has {len(data) - 8}")
+        raise ArtifactError(
+            f"truncated capability file: header says {size} bytes, the file has {len(data) - 8}"
+        )
     try:
         header = json.loads(data[8 : 8 + size])
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -119,8 +126,11 @@ def _shape(tensors: dict[str, torch.Tensor], name: str, expected: tuple[int, ...
 
 
 class Capability:
-    """A validated capability artifact. Build one with ``load``, ``from_bytes``, ``from_directions`` or
-    ``from_factors``; every constructor goes through the same bytes, so ``sha256`` is always that of the file."""
+    """A validated capability artifact.
+
+    Build one with ``load``, ``from_bytes``, ``from_directions`` or ``from_factors``; every constructor goes
+    through the file's bytes, so ``sha256`` is always that of the file ``save`` writes.
+    """
 
     def __init__(self, data: bytes):
         self._data = bytes(data)
@@ -133,7 +143,7 @@ class Capability:
             raise ArtifactError(f"corrupt or truncated capability file: {err}") from None
         self._directions = self._check_tensors()
 
-    # -- constructors -------------------------------------------------------------------------------------------
+    # -- constructors
     @classmethod
     def from_bytes(cls, data: bytes) -> Capability:
         return cls(data)
@@ -180,7 +190,7 @@ class Capability:
         """A capability stored as source directions [L, d_s] and factors V_s [L, d_s, k], M [L, k, k],
         V_t [L, d_t, k], one slice per steered layer."""
         meta = cls._base_metadata(name, layers, mode, default_strength, target, "factors", metadata)
-        tensors = dict(zip(FACTOR_TENSORS, (source_directions, v_s, m, v_t)))
+        tensors = dict(zip(FACTOR_TENSORS, (source_directions, v_s, m, v_t), strict=True))
         return cls(serialize(tensors, meta))
 
     @staticmethod
@@ -201,29 +211,35 @@ class Capability:
         }
         for key, value in (extra or {}).items():
             if key in meta:
-                raise ArtifactError(f"metadata key {key!r} is set from the arguments; do not pass it in metadata")
+                raise ArtifactError(
+                    f"metadata key {key!r} is set from the arguments; do not pass it in metadata"
+                )
             if not isinstance(value, str):
                 raise ArtifactError(f"metadata {key!r} must be a string, got {type(value).__name__}")
             meta[key] = value
         return meta
 
-    # -- validation ---------------------------------------------------------------------------------------------
+    # -- validation
     def _check_metadata(self) -> None:
         meta = self.metadata
         if meta.get("format") != FORMAT_TAG:
-            raise ArtifactError(f"not a capability file: format tag is {meta.get('format')!r}, not {FORMAT_TAG!r}")
+            raise ArtifactError(
+                f"not a capability file: format tag is {meta.get('format')!r}, not {FORMAT_TAG!r}"
+            )
         version = meta.get("format_version", "")
         if version != str(FORMAT_VERSION):
             raise ArtifactError(
-                f"unsupported format_version {version!r}: unlock {__version__} reads version {FORMAT_VERSION}; "
-                "rebuild the capability or upgrade unlock"
+                f"unsupported format_version {version!r}: unlock {__version__} reads version "
+                f"{FORMAT_VERSION}; rebuild the capability or upgrade unlock"
             )
         missing = [key for key in REQUIRED_KEYS if key not in meta]
         if missing:
             raise ArtifactError(f"capability metadata lacks required keys {missing}")
         unknown = sorted(set(meta) - set(REQUIRED_KEYS) - set(OPTIONAL_KEYS))
         if unknown:
-            warnings.warn(f"capability {meta['name']!r}: ignoring unknown metadata keys {unknown}", stacklevel=3)
+            warnings.warn(
+                f"capability {meta['name']!r}: ignoring unknown metadata keys {unknown}", stacklevel=3
+            )
         if not meta["name"]:
             raise ArtifactError("capability name is empty")
         if meta["mode"] not in MODES:
@@ -254,7 +270,8 @@ class Capability:
         expected = ("directions",) if self.storage == "directions" else FACTOR_TENSORS
         if sorted(self.tensors) != sorted(expected):
             raise ArtifactError(
-                f"storage {self.storage!r} needs tensors {list(expected)}, the file has {sorted(self.tensors)}"
+                f"storage {self.storage!r} needs tensors {list(expected)}, "
+                f"the file has {sorted(self.tensors)}"
             )
         for name, tensor in self.tensors.items():
             if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
@@ -268,15 +285,21 @@ class Capability:
             if src.dim() != 2 or self.tensors["align.m"].dim() != 3:
                 raise ArtifactError("source_directions must be 2-D and align.m 3-D")
             d_s, k = src.shape[1], self.tensors["align.m"].shape[-1]
-            for name, shape in zip(FACTOR_TENSORS, ((count, d_s), (count, d_s, k), (count, k, k), (count, hidden, k))):
+            for name, shape in zip(
+                FACTOR_TENSORS,
+                ((count, d_s), (count, d_s, k), (count, k, k), (count, hidden, k)),
+                strict=True,
+            ):
                 _shape(self.tensors, name, shape)
             directions = target_directions_from_factors(*(self.tensors[n] for n in FACTOR_TENSORS))
         norms = directions.norm(dim=-1)
         if not torch.isfinite(directions).all() or (self.mode == "rotate" and (norms == 0).any()):
-            raise ArtifactError("target directions are non-finite or zero; a rotate capability needs non-zero rows")
+            raise ArtifactError(
+                "target directions are non-finite or zero; a rotate capability needs non-zero rows"
+            )
         return directions
 
-    # -- accessors ----------------------------------------------------------------------------------------------
+    # -- accessors
     @property
     def name(self) -> str:
         return self.metadata["name"]
@@ -324,10 +347,11 @@ class Capability:
         return self._directions.clone()
 
     def check_target(self, num_layers: int, hidden_size: int) -> None:
-        """Raise ArtifactError unless the model has the layer count and hidden size this capability was built for."""
+        """Raise ArtifactError unless the model has the layer count and hidden size this was built for."""
         if (num_layers, hidden_size) != (self.target_num_layers, self.target_hidden_size):
             raise ArtifactError(
-                f"capability {self.name!r} was built for {self.target_name!r} ({self.target_num_layers} layers, "
+                f"capability {self.name!r} was built for {self.target_name!r} "
+                f"({self.target_num_layers} layers, "
                 f"hidden size {self.target_hidden_size}), but the model has {num_layers} layers, hidden size "
                 f"{hidden_size}; rebuild it with --target set to this model"
             )

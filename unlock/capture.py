@@ -1,7 +1,7 @@
 """Load a Hugging Face causal LM and read its residual stream at the last prompt token.
 
-The stream after decoder layer l is that layer's output, taken with a forward hook. (``output_hidden_states`` is
-not used: in transformers its last entry is the stream after the final norm, not after the last layer.)
+The stream after decoder layer l is that layer's output, taken with a forward hook. (``output_hidden_states``
+is not used: in transformers its last entry is the stream after the final norm, not after the last layer.)
 Prompts are left-padded so the last prompt token of every row sits at position -1; position ids are computed
 from the attention mask, so a padded row sees the same positions as the prompt run alone.
 """
@@ -85,7 +85,9 @@ def pad_id_of(tokenizer) -> int:
     return 0
 
 
-def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def left_pad(
+    sequences: Sequence[Sequence[int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask, position_ids), each int64 [B, T], prompts aligned on the right."""
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
@@ -100,7 +102,7 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
 
 
 def forward_kwargs(model: nn.Module) -> dict:
-    """Ask for the last position's logits only, where the model supports it (saves the LM head on long prompts)."""
+    """Ask for the last position's logits only, where the model supports it (saves most LM-head work)."""
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
@@ -113,7 +115,7 @@ def stream_of(output) -> torch.Tensor:
 def capture_last_token(
     lm: LoadedModel, prompts: Sequence[str], batch_size: int = 8, chat: bool = False, desc: str | None = None
 ) -> torch.Tensor:
-    """Residual stream after every decoder layer at each prompt's last token: float32 [N, num_layers, hidden]."""
+    """Residual stream after every decoder layer at each prompt's last token: float32 [N, layers, hidden]."""
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     rows: list[torch.Tensor] = []  # per batch: [B, num_layers, hidden]
@@ -149,13 +151,14 @@ def capture_last_token(
 
 
 def check_finite(acts: torch.Tensor, model_name: str) -> None:
-    """Refuse NaN/Inf activations, naming the first bad layer and prompts (a broken model or dtype overflow)."""
+    """Refuse NaN/Inf activations, naming the first bad layer and prompts (broken weights, dtype overflow)."""
     bad = ~torch.isfinite(acts).all(dim=-1)  # [N, num_layers]
     if bad.any():
         prompts_hit, layers_hit = bad.nonzero(as_tuple=True)
         first_layer = int(layers_hit.min())
         rows = sorted({int(p) for p in prompts_hit[layers_hit == first_layer]})
         raise ValueError(
-            f"non-finite activations (NaN/Inf) from {model_name!r} at decoder layer {first_layer} for prompts "
+            f"non-finite activations (NaN/Inf) from {model_name!r} at decoder layer {first_layer} "
+            f"for prompts "
             f"{rows[:10]}{' ...' if len(rows) > 10 else ''}; check the model weights, or use --dtype float32"
         )

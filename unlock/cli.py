@@ -19,8 +19,8 @@ from unlock.directions import AGGREGATIONS
 from unlock.ops import MODES
 from unlock.pipeline import (
     AlignConfig,
-    Extracted,
     ExtractConfig,
+    Extracted,
     ModelCache,
     ModelOptions,
     Timer,
@@ -36,16 +36,24 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available)")
     group.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass during capture")
-    group.add_argument("--chat-template", dest="chat", action="store_true", help="wrap prompts in the chat template")
-    group.add_argument("--layers-module", help="dotted path of the decoder-layer ModuleList, if not found by itself")
+    group.add_argument(
+        "--chat-template", dest="chat", action="store_true", help="wrap prompts in the chat template"
+    )
+    group.add_argument(
+        "--layers-module", help="dotted path of the decoder-layer ModuleList, if not found by itself"
+    )
 
 
 def add_extract_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("extraction")
     group.add_argument("--source-locked", required=True, help="source model without the capability")
-    group.add_argument("--source-unlocked", help="source model with it (default: --source-locked, other template)")
+    group.add_argument(
+        "--source-unlocked", help="source model with it (default: --source-locked, other template)"
+    )
     group.add_argument("--data", required=True, help="JSONL file, one object per line")
-    group.add_argument("--field", default="question", help="the field holding the question (default: question)")
+    group.add_argument(
+        "--field", default="question", help="the field holding the question (default: question)"
+    )
     group.add_argument("-n", type=int, default=64, help="number of examples (the first N of the file)")
     group.add_argument("--locked-template", default="direct", help="direct, cot, or a file with {question}")
     group.add_argument("--unlocked-template", default="cot", help="direct, cot, or a file with {question}")
@@ -57,7 +65,9 @@ def add_align_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--target", required=True, help="the model to steer")
     group.add_argument("--rank", type=int, default=32, help="k = min(rank, N)")
     group.add_argument("--center", action="store_true", help="centre activations before the fit")
-    group.add_argument("--holdout", type=float, default=0.2, help="fraction of prompts held out for the error")
+    group.add_argument(
+        "--holdout", type=float, default=0.2, help="fraction of prompts held out for the error"
+    )
     group.add_argument("--seed", type=int, default=0, help="seed of the fit/held-out split")
     group.add_argument("--layers", default="all", help="target layers: all, 4-12, 0,2,5, -1 (default all)")
     group.add_argument("--mode", choices=MODES, default="rotate")
@@ -158,10 +168,12 @@ def describe(capability: Capability) -> str:
         )
     lines.append(f"version     unlock {meta['unlock_version']}")
     errors = capability.alignment_errors or [math.nan] * len(capability.layers)
-    sources = json.loads(meta["source_layers"]) if "source_layers" in meta else [None] * len(capability.layers)
+    sources = (
+        json.loads(meta["source_layers"]) if "source_layers" in meta else [None] * len(capability.layers)
+    )
     norms = capability.target_directions().norm(dim=-1).tolist()
     lines.append("layer  source  |r_t|       held-out error")
-    for layer, source, norm, error in zip(capability.layers, sources, norms, errors):
+    for layer, source, norm, error in zip(capability.layers, sources, norms, errors, strict=True):
         lines.append(f"{layer:5d}  {'-' if source is None else source:>6}  {norm:10.4g}  {error:.4f}")
     return "\n".join(lines)
 
@@ -170,7 +182,11 @@ def cmd_inspect(args: argparse.Namespace, timer: Timer) -> None:
     capability = Capability.load(args.file)
     if args.json:
         shapes = {name: list(t.shape) for name, t in capability.tensors.items()}
-        print(json.dumps({"sha256": capability.sha256, "metadata": capability.metadata, "tensors": shapes}, indent=2))
+        print(
+            json.dumps(
+                {"sha256": capability.sha256, "metadata": capability.metadata, "tensors": shapes}, indent=2
+            )
+        )
     else:
         print(describe(capability))
 
@@ -207,9 +223,14 @@ def cmd_generate(args: argparse.Namespace, timer: Timer) -> None:
         lm.model, lm.tokenizer, prompts, [selection] * len(prompts), args.max_new_tokens,
         ignore_eos=args.ignore_eos, chat=args.chat, layers=lm.layers,
     )  # fmt: skip
-    for prompt, result in zip(prompts, results):
+    for prompt, result in zip(prompts, results, strict=True):
         if args.json:
-            record = {"prompt": prompt, "text": result.text, "token_ids": result.token_ids, "logprobs": result.logprobs}
+            record = {
+                "prompt": prompt,
+                "text": result.text,
+                "token_ids": result.token_ids,
+                "logprobs": result.logprobs,
+            }
             print(json.dumps(record))
         else:
             print(result.text)
@@ -223,7 +244,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args, Timer())
-    except (ValueError, OSError) as err:  # ArtifactError is a ValueError; OSError covers unreadable models/files
+    except (
+        ValueError,
+        OSError,
+    ) as err:  # ArtifactError is a ValueError; OSError covers unreadable models/files
         print(f"unlock {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     return 0

@@ -19,7 +19,9 @@ def load_questions(path: str | Path, field: str = "question", n: int | None = No
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg}); each line must be one object") from None
+                raise ValueError(
+                    f"{path}:{lineno}: not valid JSON ({err.msg}); each line must be one object"
+                ) from None
             if not isinstance(record, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
             if field not in record:
@@ -28,7 +30,9 @@ def load_questions(path: str | Path, field: str = "question", n: int | None = No
                 )
             value = record[field]
             if not isinstance(value, str) or not value.strip():
-                raise ValueError(f"{path}:{lineno}: field {field!r} must be a non-empty string, got {value!r}")
+                raise ValueError(
+                    f"{path}:{lineno}: field {field!r} must be a non-empty string, got {value!r}"
+                )
             questions.append(value)
             if n is not None and len(questions) == n:
                 break

@@ -7,12 +7,14 @@ import torch
 AGGREGATIONS = ("mean", "pca")
 
 
-def extract_directions(locked: torch.Tensor, unlocked: torch.Tensor, aggregation: str = "mean") -> torch.Tensor:
+def extract_directions(
+    locked: torch.Tensor, unlocked: torch.Tensor, aggregation: str = "mean"
+) -> torch.Tensor:
     """locked, unlocked: [N, L, d], row i of both from the same question. Returns float32 [L, d].
 
     ``mean``: the mean over examples of unlocked - locked.
-    ``pca``: the first principal direction of the centred differences, signed to agree with the mean and scaled
-    by the mean's component along it, so ``add`` mode moves the stream by the average shift along that axis.
+    ``pca``: the first principal direction of the centred differences, signed to agree with the mean and
+    scaled by the mean's component along it, so ``add`` mode moves the stream by the average shift along it.
     """
     if locked.shape != unlocked.shape or locked.dim() != 3:
         raise ValueError(
@@ -28,7 +30,11 @@ def extract_directions(locked: torch.Tensor, unlocked: torch.Tensor, aggregation
     if diffs.shape[0] < 2:
         raise ValueError("aggregation 'pca' needs at least 2 examples (-n 2); use 'mean' for a single one")
     centred = diffs - mean  # [N, L, d]
-    _, _, vh = torch.linalg.svd(centred.transpose(0, 1), full_matrices=False)  # per layer: vh [L, min(N,d), d]
+    _, _, vh = torch.linalg.svd(
+        centred.transpose(0, 1), full_matrices=False
+    )  # per layer: vh [L, min(N,d), d]
     first = vh[:, 0, :]  # [L, d], unit rows
-    along = (first * mean).sum(dim=-1, keepdim=True)  # [L, 1]: the mean's component on the axis, with its sign
+    along = (first * mean).sum(
+        dim=-1, keepdim=True
+    )  # [L, 1]: the mean's component on the axis, with its sign
     return (first * along).float()

@@ -42,7 +42,10 @@ class Timer:
 
     def report(self) -> str:
         total = sum(self.stages.values()) or 1.0
-        lines = [f"  {name:<28} {seconds:8.2f} s {100 * seconds / total:5.1f}%" for name, seconds in self.stages.items()]
+        lines = [
+            f"  {name:<28} {seconds:8.2f} s {100 * seconds / total:5.1f}%"
+            for name, seconds in self.stages.items()
+        ]
         return "\n".join(["where the time went:", *lines, f"  {'total':<28} {total:8.2f} s"])
 
 
@@ -113,8 +116,8 @@ class Extracted:
             raise ValueError(f"{path}: not a readable `unlock extract` file: {err}") from None
         if meta.get("format") != EXTRACTED_TAG or meta.get("format_version") != EXTRACTED_VERSION:
             raise ValueError(
-                f"{path}: format {meta.get('format')!r} v{meta.get('format_version')}, expected {EXTRACTED_TAG!r} "
-                f"v{EXTRACTED_VERSION}; write it with `unlock extract`"
+                f"{path}: format {meta.get('format')!r} v{meta.get('format_version')}, "
+                f"expected {EXTRACTED_TAG!r} v{EXTRACTED_VERSION}; write it with `unlock extract`"
             )
         directions, acts = tensors.get("directions"), tensors.get("locked_activations")
         n = len(json.loads(meta["questions"]))
@@ -140,7 +143,7 @@ class ModelCache:
 
 
 def run_extract(config: ExtractConfig, models: ModelCache) -> Extracted:
-    """Capture the source with and without the capability and reduce the differences to one direction per layer."""
+    """Capture the source with and without the capability; reduce the differences to a direction per layer."""
     opts, timer = models.options, models.timer
     locked_template = load_template(config.locked_template)
     unlocked_template = load_template(config.unlocked_template)
@@ -149,8 +152,9 @@ def run_extract(config: ExtractConfig, models: ModelCache) -> Extracted:
     unlocked = models.get(config.source_unlocked or config.source_locked)
     if (unlocked.num_layers, unlocked.hidden_size) != (locked.num_layers, locked.hidden_size):
         raise ValueError(
-            f"source-unlocked {unlocked.name!r} ({unlocked.num_layers} layers, hidden {unlocked.hidden_size}) must "
-            f"have the shape of source-locked {locked.name!r} ({locked.num_layers} layers, hidden {locked.hidden_size})"
+            f"source-unlocked {unlocked.name!r} "
+            f"({unlocked.num_layers} layers, hidden {unlocked.hidden_size}) must have the shape of source-locked {locked.name!r} "
+            f"({locked.num_layers} layers, hidden {locked.hidden_size})"
         )
     if unlocked is locked and locked_template == unlocked_template:
         raise ValueError("one source model with the same locked and unlocked template gives a zero direction")
@@ -201,13 +205,25 @@ def run_align(extracted: Extracted, config: AlignConfig, models: ModelCache) -> 
     layers = parse_layer_spec(config.layers, target.num_layers)
     chat = extracted.metadata["chat_template"] == "true"
     with timer.stage("capture target"):
-        prompts = format_prompts(target.tokenizer, extracted.questions, extracted.metadata["locked_template_text"], chat)
+        prompts = format_prompts(
+            target.tokenizer, extracted.questions, extracted.metadata["locked_template_text"], chat
+        )
         target_acts = capture_last_token(target, prompts, opts.batch_size, chat, "target")
     with timer.stage("align"):
-        fitted = align(extracted.locked_acts, target_acts, layers, config.rank, config.center, config.holdout, config.seed)
+        fitted = align(
+            extracted.locked_acts,
+            target_acts,
+            layers,
+            config.rank,
+            config.center,
+            config.holdout,
+            config.seed,
+        )
         directions = fitted.target_directions(extracted.directions)  # [len(layers), d_t]
     if config.mode == "rotate" and (directions.norm(dim=-1) == 0).any():
-        raise ValueError("a mapped direction is zero (the source direction is orthogonal to the map); try more -n")
+        raise ValueError(
+            "a mapped direction is zero (the source direction is orthogonal to the map); try more -n"
+        )
     meta = {key: extracted.metadata[key] for key in CARRIED_KEYS}
     meta.update(
         source_layers=json.dumps(fitted.source_layers),
@@ -221,7 +237,9 @@ def run_align(extracted: Extracted, config: AlignConfig, models: ModelCache) -> 
     if fitted.n_holdout:
         meta["alignment_errors"] = json.dumps([round(e, 6) for e in fitted.errors])
     info = TargetInfo(target.architecture, target.num_layers, target.hidden_size, target.name)
-    common = dict(layers=layers, mode=config.mode, default_strength=config.strength, target=info, metadata=meta)
+    common = dict(
+        layers=layers, mode=config.mode, default_strength=config.strength, target=info, metadata=meta
+    )
     if config.store == "directions":
         return Capability.from_directions(config.name, directions, **common), fitted.source_layers
     maps = fitted.maps
@@ -236,6 +254,6 @@ def run_align(extracted: Extracted, config: AlignConfig, models: ModelCache) -> 
 
 # Settings of the extraction step that the capability records as they are.
 CARRIED_KEYS = (
-    "source_locked", "source_unlocked", "source_architecture", "source_num_layers", "source_hidden_size", "data",
-    "field", "n", "aggregation", "locked_template", "unlocked_template", "chat_template", "dtype",
+    "source_locked", "source_unlocked", "source_architecture", "source_num_layers", "source_hidden_size",
+    "data", "field", "n", "aggregation", "locked_template", "unlocked_template", "chat_template", "dtype",
 )  # fmt: skip

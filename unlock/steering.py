@@ -3,7 +3,7 @@
 Forward hooks on the decoder layers apply ``unlock.ops.steer_hidden`` (the same function the engine runs) to
 each layer's output. A batch holds prompts that each switch on their own capabilities at their own strengths:
 row 1 + b of every table is prompt b's composed row (row 0 is zero), and per-token indices pick the rows.
-``rotate`` edits only the last prompt token during prefill; ``add`` edits every token, generated ones included.
+``rotate`` edits only the last prompt token during prefill; ``add`` edits every token, generated ones too.
 """
 
 from __future__ import annotations
@@ -60,7 +60,9 @@ class SteeringHooks:
             terms = []
             for capability, strength in selection:
                 capability.check_target(num_layers, d)
-                terms.append(SteeringTerm(capability.mode, strength, capability.layers, capability.target_directions()))
+                terms.append(
+                    SteeringTerm(capability.mode, strength, capability.layers, capability.target_directions())
+                )
             add[:, 1 + b], rot[:, 1 + b] = compose_rows(terms, num_layers, d)
         self._add, self._rot = add.to(device), rot.to(device)
         # A zero row is "not steered": rotating by it would be the identity up to rounding, so it is skipped.
@@ -79,9 +81,13 @@ class SteeringHooks:
                 return None
             stream = stream_of(output)  # [B, T, d]
             b, t, d = stream.shape
-            add_index = self._add_index * self._add_live[layer][self._add_index]  # [B, T], 0 where row is zero
+            add_index = (
+                self._add_index * self._add_live[layer][self._add_index]
+            )  # [B, T], 0 where row is zero
             rot_index = self._rot_index * self._rot_live[layer][self._rot_index]
-            steered = steer_rows(stream.reshape(b * t, d), self._add[layer], self._rot[layer], add_index, rot_index)
+            steered = steer_rows(
+                stream.reshape(b * t, d), self._add[layer], self._rot[layer], add_index, rot_index
+            )
             steered = steered.reshape(b, t, d)
             return (steered, *output[1:]) if isinstance(output, tuple) else steered
 
@@ -177,7 +183,9 @@ def steered_generate(
     batches left-pad and give the same tokens up to float rounding. Hooks are removed on return.
     """
     if len(selections) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(selections)} selections; give one selection per prompt")
+        raise ValueError(
+            f"{len(prompts)} prompts but {len(selections)} selections; give one selection per prompt"
+        )
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     layers = layers if layers is not None else find_decoder_layers(model)
@@ -188,7 +196,13 @@ def steered_generate(
         for start in range(0, len(prompts), batch_size):
             chunk = slice(start, start + batch_size)
             results += generate_batch(
-                model, hooks, prompt_ids[chunk], selections[chunk], max_new_tokens, eos_ids, pad_id_of(tokenizer)
+                model,
+                hooks,
+                prompt_ids[chunk],
+                selections[chunk],
+                max_new_tokens,
+                eos_ids,
+                pad_id_of(tokenizer),
             )
     for result in results:
         result.text = tokenizer.decode(result.token_ids, skip_special_tokens=True)

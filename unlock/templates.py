@@ -1,7 +1,7 @@
 """Prompt templates: the paper's two (``direct`` and ``cot``), user template files, optional chat wrapping.
 
 Both built-ins share one structure (instruction, "Question:", the question, an "Answer:" line) and end with a
-newline, so the last prompt token, where activations are read and steering is applied, is the same kind of token.
+newline, so the last prompt token (where activations are read and steering applied) is the same kind of token.
 The final answer goes between the markers ``<atok>`` and ``</atok>``.
 """
 
