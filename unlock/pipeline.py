@@ -153,7 +153,8 @@ def run_extract(config: ExtractConfig, models: ModelCache) -> Extracted:
     if (unlocked.num_layers, unlocked.hidden_size) != (locked.num_layers, locked.hidden_size):
         raise ValueError(
             f"source-unlocked {unlocked.name!r} "
-            f"({unlocked.num_layers} layers, hidden {unlocked.hidden_size}) must have the shape of source-locked {locked.name!r} "
+            f"({unlocked.num_layers} layers, hidden {unlocked.hidden_size}) must have the shape of "
+            f"source-locked {locked.name!r} "
             f"({locked.num_layers} layers, hidden {locked.hidden_size})"
         )
     if unlocked is locked and locked_template == unlocked_template:
