@@ -28,7 +28,7 @@ def as_dense(layer_map) -> np.ndarray:
     return (layer_map.v_s @ layer_map.m @ layer_map.v_t.T).numpy()
 
 
-# -- directions ------------------------------------------------------------------------------------------------
+# -- directions
 
 
 def test_mean_direction_is_mean_of_differences():
@@ -39,7 +39,7 @@ def test_mean_direction_is_mean_of_differences():
 
 
 def test_pca_direction_is_first_component_signed_and_scaled_by_the_mean():
-    # Differences spread mostly along one axis, with a mean pointing against the default SVD sign half the time.
+    # Differences spread mostly along one axis, plus a shift against that axis: the sign must follow the mean.
     axis = rng.normal(size=(2, 10))
     spread = rng.normal(size=(30, 2, 1)) * 5.0 * axis + rng.normal(size=(30, 2, 10)) * 0.1
     shift = -0.7 * axis
@@ -67,7 +67,7 @@ def test_pca_needs_two_examples_and_shapes_must_agree():
         extract_directions(one, one, "median")
 
 
-# -- alignment -------------------------------------------------------------------------------------------------
+# -- alignment
 
 
 @pytest.mark.parametrize(
@@ -169,7 +169,7 @@ def test_split_is_seeded_disjoint_and_complete():
         split_indices(1, 0.5)
 
 
-# -- layer specs -----------------------------------------------------------------------------------------------
+# -- layer specs
 
 
 @pytest.mark.parametrize(
@@ -181,8 +181,11 @@ def test_layer_spec(spec, expected):
     assert parse_layer_spec(spec, 6) == expected
 
 
-@pytest.mark.parametrize(("spec", "message"), [("6", "out of range"), ("-7", "out of range"), ("a-b", "not an index"),
-                                               ("3-1", "start after end"), ("", "not an index")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [("6", "out of range"), ("-7", "out of range"), ("a-b", "not an index"), ("3-1", "start after end"),
+     ("", "not an index")],
+)  # fmt: skip
 def test_bad_layer_spec(spec, message):
     with pytest.raises(ValueError, match=message):
         parse_layer_spec(spec, 6)
