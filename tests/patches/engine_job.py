@@ -1,0 +1,149 @@
+"""Run one vLLM engine configuration in its own process and write the results as JSON.
+
+Usage: python engine_job.py SPEC.json OUT.json. Each test engine (plugin on/off, eager/compiled) runs in a
+fresh process so that the plugin's process-wide wrapping and torch.compile state never leak between them.
+
+SPEC keys: model, plugin (bool: steering engine vs an engine with the plugin excluded by VLLM_PLUGINS),
+eager, prefix_caching, max_num_batched_tokens, max_tokens, mode ("sync" | "async_register"), and
+phases: [{"register": [path, ...], "unregister": [sha, ...], "requests": [{"prompt", "selection"}]}].
+A selection is [[sha256, strength, mode], ...]; the phases run one after the other, each request list as
+one engine batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def _setup_env(spec: dict) -> None:
+    os.environ["VLLM_TARGET_DEVICE"] = "cpu"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # A fresh compile cache per job, so a cached graph of another configuration can never be loaded.
+    os.environ["VLLM_CACHE_ROOT"] = spec["cache_root"]
+    if not spec["plugin"]:
+        os.environ["VLLM_PLUGINS"] = "no-such-plugin"  # an allow-list that excludes `unlock`
+    if spec.get("mode", "sync") == "sync":
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+
+def _engine_args(spec: dict) -> dict:
+    args = dict(
+        model=spec["model"],
+        dtype="float32",
+        seed=0,
+        max_model_len=1024,
+        max_num_seqs=16,
+        enforce_eager=spec["eager"],
+        enable_prefix_caching=spec.get("prefix_caching", False),
+        kv_cache_memory_bytes=64 * 2**20,
+    )
+    if spec.get("max_num_batched_tokens"):
+        args["max_num_batched_tokens"] = spec["max_num_batched_tokens"]
+        args["enable_chunked_prefill"] = True
+    if spec["plugin"]:
+        import unlock_vllm
+
+        args.update(unlock_vllm.engine_kwargs(max_capabilities=spec.get("max_capabilities", 8)))
+    return args
+
+
+def _params(spec: dict, selection: list):
+    from vllm import SamplingParams
+
+    from unlock_vllm.request import EXTRA_ARGS_KEY, encode_selection
+
+    extra = {EXTRA_ARGS_KEY: encode_selection(selection)} if selection else None
+    return SamplingParams(
+        temperature=0.0, max_tokens=spec["max_tokens"], logprobs=0, ignore_eos=True, extra_args=extra
+    )
+
+
+def _result(output) -> dict:
+    completion = output.outputs[0]
+    logprobs = [float(step[token].logprob) for token, step in zip(completion.token_ids, completion.logprobs)]
+    return {"token_ids": list(completion.token_ids), "logprobs": logprobs}
+
+
+def run_sync(spec: dict) -> dict:
+    from vllm import LLM
+
+    llm = LLM(**_engine_args(spec))
+    rpc = llm.collective_rpc if spec["plugin"] else None
+    result: dict = {"status_start": rpc("unlock_status")[0] if rpc else None, "phases": []}
+    for phase in spec["phases"]:
+        record: dict = {"register": [], "unregister": []}
+        for path, sha in phase.get("register", []):
+            record["register"].append(rpc("unlock_register", args=(path, sha))[0])
+        for sha in phase.get("unregister", []):
+            record["unregister"].append(rpc("unlock_unregister", args=(sha,))[0])
+        requests = phase.get("requests", [])
+        if requests:
+            prompts = [r["prompt"] for r in requests]
+            params = [_params(spec, r.get("selection", [])) for r in requests]
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+            record["outputs"] = [_result(o) for o in outputs]
+        result["phases"].append(record)
+    result["status_end"] = rpc("unlock_status")[0] if rpc else None
+    return result
+
+
+async def _run_async_register(spec: dict) -> dict:
+    """Register a capability while a long request runs, then steer with it; unregister one in use."""
+    import asyncio
+
+    from vllm import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**_engine_args(spec)))
+    try:
+
+        async def generate(request_id: str, request: dict) -> dict:
+            final = None
+            async for output in engine.generate(request["prompt"], _params(spec, request["selection"]), request_id):
+                final = output
+            return _result(final)
+
+        (long_request, late_request), (path, sha) = spec["requests"], spec["register"]
+        # The long request uses a capability registered before it starts; it must survive its unregistering.
+        first = await engine.collective_rpc("unlock_register", args=tuple(spec["preregister"]))
+        running = asyncio.create_task(generate("long", long_request))
+        await asyncio.sleep(0.5)
+        registered = await engine.collective_rpc("unlock_register", args=(path, sha))
+        long_running_at_register = not running.done()
+        unregistered = await engine.collective_rpc("unlock_unregister", args=(spec["preregister"][1],))
+        status_mid = (await engine.collective_rpc("unlock_status"))[0]
+        late = await generate("late", late_request)
+        long_result = await running
+        status_end = (await engine.collective_rpc("unlock_status"))[0]
+        return {
+            "preregister": first[0],
+            "register": registered[0],
+            "unregister": unregistered[0],
+            "long_running_at_register": long_running_at_register,
+            "status_mid": status_mid,
+            "status_end": status_end,
+            "outputs": [long_result, late],
+        }
+    finally:
+        engine.shutdown()
+
+
+def main() -> None:
+    spec_path, out_path = sys.argv[1], sys.argv[2]
+    with open(spec_path) as f:
+        spec = json.load(f)
+    _setup_env(spec)
+    if spec.get("mode", "sync") == "sync":
+        result = run_sync(spec)
+    else:
+        import asyncio
+
+        result = asyncio.run(_run_async_register(spec))
+    with open(out_path, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
