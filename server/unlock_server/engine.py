@@ -1,0 +1,64 @@
+"""The one place the server touches the vLLM plugin (`unlock_vllm`) and the engine's worker RPCs.
+
+Worker RPCs return one plain dict per worker (`{"ok": bool, "error": str | None, ...}`); a registration
+counts only when every worker (all TP/PP ranks, all DP engines) says ok.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class EngineRPCError(RuntimeError):
+    pass
+
+
+def engine_kwargs() -> dict[str, Any]:
+    """Engine arguments that load the plugin's worker extension (merged into `AsyncEngineArgs`)."""
+    import unlock_vllm
+
+    return unlock_vllm.engine_kwargs()
+
+
+def encode_selection(items: Sequence[tuple[str, float, str]]) -> str:
+    """[(sha256, strength, mode), ...] into the `vllm_xargs["unlock"]` string the workers decode."""
+    from unlock_vllm.request import encode_selection as encode
+
+    return encode(list(items))
+
+
+XARGS_KEY = "unlock"
+
+
+class Workers:
+    """Capability registration on every worker of one `AsyncLLM`."""
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+
+    async def _call(self, method: str, *args: Any) -> list[dict[str, Any]]:
+        results = await self.engine.collective_rpc(method, args=args)
+        return [
+            r if isinstance(r, dict) else {"ok": False, "error": f"unexpected reply {r!r}"} for r in results
+        ]
+
+    async def register(self, path: str, sha256: str) -> None:
+        results = await self._call("unlock_register", path, sha256)
+        errors = [r.get("error") or "unknown error" for r in results if not r.get("ok")]
+        if errors:
+            raise EngineRPCError(
+                f"registering {sha256[:12]} failed on {len(errors)}/{len(results)} workers: {errors[0]}"
+            )
+
+    async def unregister(self, sha256: str) -> None:
+        results = await self._call("unlock_unregister", sha256)
+        errors = [r.get("error") or "unknown error" for r in results if not r.get("ok")]
+        if errors:
+            logger.warning("unregistering %s failed on %d workers: %s", sha256[:12], len(errors), errors[0])
+
+    async def status(self) -> list[dict[str, Any]]:
+        return await self._call("unlock_status")

@@ -1,0 +1,107 @@
+"""Parse a request's capability selection: the `capabilities` body field and `<served>+name@strength` models.
+
+Pure functions with no registry access: they turn user input into `Choice`s or raise `APIError(400)`.
+Resolution against the registry happens in `service.CapabilityService.resolve`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import APIError
+
+PARAM = "capabilities"
+
+
+@dataclass(frozen=True)
+class Choice:
+    name: str
+    strength: float | None  # None: the capability's default strength
+
+
+def _bad(message: str) -> APIError:
+    return APIError(400, message, param=PARAM)
+
+
+def check_strength(name: str, value: Any, max_abs: float) -> float:
+    """A finite number within [-max_abs, max_abs], else a 400 naming the capability and the value."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _bad(f"strength of capability {name!r} must be a number, got {value!r}")
+    strength = float(value)
+    if not math.isfinite(strength) or abs(strength) > max_abs:
+        raise _bad(
+            f"strength of capability {name!r} must be finite and within ±{max_abs}, got {value!r}"
+        )
+    return strength
+
+
+def parse_field(value: Any, max_abs: float) -> list[Choice]:
+    """The body field: `["cot"]`, `{"cot": 0.15}` or `[{"name": "cot", "strength": 0.15}]`."""
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        return [Choice(str(k), check_strength(str(k), v, max_abs)) for k, v in value.items()]
+    if not isinstance(value, list):
+        raise _bad(
+            f"capabilities must be a list of names, a {{name: strength}} object or a list of "
+            f'{{"name", "strength"}} objects, got {type(value).__name__}'
+        )
+    choices = []
+    for item in value:
+        if isinstance(item, str):
+            choices.append(Choice(item, None))
+        elif isinstance(item, dict) and isinstance(item.get("name"), str):
+            extra = set(item) - {"name", "strength"}
+            if extra:
+                raise _bad(
+                    f"unknown keys {sorted(extra)} in capability {item['name']!r}; expected name, strength"
+                )
+            strength = item.get("strength")
+            choices.append(
+                Choice(
+                    item["name"],
+                    None if strength is None else check_strength(item["name"], strength, max_abs),
+                )
+            )
+        else:
+            raise _bad(f'each capability must be a name or {{"name", "strength"}}, got {item!r}')
+    return choices
+
+
+def parse_model_suffix(suffix: str, max_abs: float) -> list[Choice]:
+    """`cot@0.15+math` (what follows `<served>+`) into choices."""
+    choices = []
+    for part in suffix.split("+"):
+        name, sep, raw = part.partition("@")
+        if not name:
+            raise _bad(f"empty capability name in model suffix {suffix!r}; write <model>+name[@strength]")
+        if not sep:
+            choices.append(Choice(name, None))
+            continue
+        try:
+            value = float(raw)
+        except ValueError:
+            raise _bad(f"strength of capability {name!r} must be a number, got {raw!r}") from None
+        choices.append(Choice(name, check_strength(name, value, max_abs)))
+    return choices
+
+
+def split_model(model: str, served_names: list[str]) -> tuple[str, str]:
+    """Split `model` into (base, suffix); a served name may itself contain '+', so try those first."""
+    for served in served_names:
+        if model == served:
+            return served, ""
+        if model.startswith(served + "+"):
+            return served, model[len(served) + 1 :]
+    base, _, suffix = model.partition("+")
+    return base, suffix
+
+
+def check_unique(choices: list[Choice]) -> None:
+    seen: set[str] = set()
+    for choice in choices:
+        if choice.name in seen:
+            raise _bad(f"capability {choice.name!r} is selected twice; select each capability once")
+        seen.add(choice.name)

@@ -1,0 +1,79 @@
+"""Owns the process: the engine, the app and uvicorn, and a clean engine shutdown on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from argparse import Namespace
+from typing import Any
+
+from .app import create_app
+from .engine import engine_kwargs
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def _raise_exit(signum: int, _frame: Any) -> None:
+    # uvicorn stops gracefully, restores this handler and re-raises SIGTERM; raising SystemExit here lets
+    # the `finally` below shut the engine-core child down instead of orphaning it.
+    raise SystemExit(128 + signum)
+
+
+def build_engine(args: Namespace) -> Any:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    plugin = engine_kwargs()
+    if (
+        engine_args.worker_extension_cls
+        and engine_args.worker_extension_cls != plugin["worker_extension_cls"]
+    ):
+        raise SystemExit(
+            f"unlock-serve: --worker-extension-cls {engine_args.worker_extension_cls!r} would replace "
+            f"the steering extension {plugin['worker_extension_cls']!r}; drop the flag"
+        )
+    engine_args.worker_extension_cls = plugin["worker_extension_cls"]
+    engine_args.additional_config = {**(engine_args.additional_config or {}), **plugin["additional_config"]}
+    return AsyncLLM.from_engine_args(engine_args)
+
+
+async def serve(args: Namespace, settings: Settings, on_start: Any = None) -> None:
+    import uvicorn
+
+    engine = build_engine(args)
+    try:
+        app = await create_app(engine, args, settings, on_start)
+        config = uvicorn.Config(
+            app,
+            host=args.host or "0.0.0.0",
+            port=args.port,
+            log_level=args.uvicorn_log_level,
+            timeout_keep_alive=5,
+        )
+        logger.info(
+            "unlock-serve on http://%s:%d (model %s, capabilities in %s)",
+            args.host or "0.0.0.0",
+            args.port,
+            app.state.unlock_service.shape.served_names[0],
+            settings.registry_dir,
+        )
+        await uvicorn.Server(config).serve()
+    finally:
+        engine.shutdown()
+
+
+def run(args: Namespace, settings: Settings) -> int:
+    """Resolve the embedded default when no model is named, then serve until stopped."""
+    on_start = None
+    if args.model is None:
+        from .default_model import prepare_default
+
+        on_start = prepare_default(args, settings)
+    if settings.api_key is None and settings.admin_key is None:
+        logger.warning("no --api-key or --admin-key: every route, capability writes included, is open")
+    signal.signal(signal.SIGTERM, _raise_exit)
+    asyncio.run(serve(args, settings, on_start))
+    return 0

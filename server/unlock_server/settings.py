@@ -1,0 +1,58 @@
+"""The server's own configuration: one pydantic-settings class, read from flags or `UNLOCK_*` variables.
+
+vLLM's engine flags stay in vLLM's argparse namespace; only what unlock-serve adds lives here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MAX_UPLOAD_BYTES = 64 * 1024 * 1024  # a capability is a few rows per layer: 64 MiB is generous
+
+
+def default_cache_dir() -> Path:
+    return Path(os.path.expanduser("~/.cache/unlock-serve"))
+
+
+class Settings(BaseSettings):
+    """unlock-serve settings. Flags override `UNLOCK_*` environment variables, which override defaults.
+
+    Auth: `api_key` guards inference and capability reads, `admin_key` guards capability writes.
+    When only `api_key` is set it also guards writes; when neither is set the server is open (logged).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="UNLOCK_", extra="ignore")
+
+    api_key: str | None = None
+    admin_key: str | None = None
+    capabilities_dir: Path | None = None  # default: <cache_dir>/capabilities
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    # Per-request strengths outside [-max_strength, max_strength] are refused: a typo like 15 instead of
+    # 0.15 would otherwise wreck the output without any error.
+    max_strength: float = 10.0
+
+    @field_validator("api_key", "admin_key")
+    @classmethod
+    def _blank_is_unset(cls, value: str | None) -> str | None:
+        return value or None
+
+    @field_validator("max_upload_bytes")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value <= 0:
+            raise ValueError(f"max_upload_bytes must be positive, got {value}")
+        return value
+
+    @property
+    def write_key(self) -> str | None:
+        """The key that capability writes need: the admin key, else the API key."""
+        return self.admin_key or self.api_key
+
+    @property
+    def registry_dir(self) -> Path:
+        return self.capabilities_dir or self.cache_dir / "capabilities"
