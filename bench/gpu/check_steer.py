@@ -26,6 +26,7 @@ import platform
 import re
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -407,6 +408,16 @@ def check_compiled_cpu(report: Report, layers: dict, shapes: dict) -> None:
         report.check(f"compiled layer with op (cpu) T={num_tokens}", err < 1e-4, abs_err_vs_eager=err)
 
 
+def stage(report: Report, name: str, fn, *args) -> None:
+    """Run one part; an exception becomes a failed check with its traceback, so later parts still run and
+    the results are still written (a GPU run is one shot)."""
+    try:
+        fn(*args)
+    except Exception:
+        report.check(f"{name} raised", False)
+        report.say(traceback.format_exc())
+
+
 def device_slug(device) -> str:
     name = torch.cuda.get_device_name(device) if device != "cpu" else f"cpu-dry-run-{platform.machine()}"
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
@@ -438,17 +449,37 @@ def main() -> int:
 
     with torch.no_grad():
         if cli.dry_run:
-            check_reference(report)
-            check_kernel(report, steer, device, (torch.float32, torch.bfloat16), (1, 7), (96, 100), False)
+            stage(report, "reference", check_reference, report)
+            stage(
+                report,
+                "kernel",
+                check_kernel,
+                report,
+                steer,
+                device,
+                (torch.float32, torch.bfloat16),
+                (1, 7),
+                (96, 100),
+                False,
+            )
             layers = build_layers(shapes, dtype, device, compile_backend="aot_eager")
-            check_compiled_cpu(report, layers, shapes)
+            stage(report, "compiled", check_compiled_cpu, report, layers, shapes)
             token_counts = (1, 8, 64)
         else:
-            check_kernel(
-                report, steer, device, (torch.float32, torch.bfloat16), (1, 7, 300), (3584, 896, 1000), True
+            stage(
+                report,
+                "kernel",
+                check_kernel,
+                report,
+                steer,
+                device,
+                (torch.float32, torch.bfloat16),
+                (1, 7, 300),
+                (3584, 896, 1000),
+                True,
             )
             layers = build_layers(shapes, dtype, device, compile_backend="inductor")
-            check_graphs(report, layers, shapes, dtype, device)
+            stage(report, "graphs", check_graphs, report, layers, shapes, dtype, device)
             token_counts = TOKEN_COUNTS
         report.say(f"checks done at {time.monotonic() - started:.0f} s")
         report.say(
@@ -456,7 +487,18 @@ def main() -> int:
             f"{'T':>6} {'k_none':>9} {'k_add':>9} {'k_mixed':>9} {'k_rot_all':>9} {'torch_ops':>9} "
             f"{'layer':>10} {'layer+op':>10} {'overhead':>9} {'kernel%':>8} {'ops%':>8}"
         )
-        time_all(report, layers, shapes, dtype, device, token_counts, started + TIME_BUDGET_S)
+        stage(
+            report,
+            "timings",
+            time_all,
+            report,
+            layers,
+            shapes,
+            dtype,
+            device,
+            token_counts,
+            started + TIME_BUDGET_S,
+        )
 
     elapsed = time.monotonic() - started
     report.say(
