@@ -100,6 +100,7 @@ class SelectionMiddleware:
         except ValueError:
             payload = None  # vLLM answers malformed JSON in its own words
         had_field = isinstance(payload, dict) and PARAM in payload
+        model = payload.get("model") if isinstance(payload, dict) else None  # as asked, before the rewrite
         try:
             applied = self._rewrite(payload) if isinstance(payload, dict) else []
         except APIError as err:
@@ -112,7 +113,7 @@ class SelectionMiddleware:
         logger.info(
             "%s model=%s capabilities=%s",
             scope["path"],
-            payload.get("model") if isinstance(payload, dict) else None,
+            model,
             label or "none",
         )
         await self._forward(scope, receive, send, body, applied, label)

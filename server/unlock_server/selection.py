@@ -31,9 +31,7 @@ def check_strength(name: str, value: Any, max_abs: float) -> float:
         raise _bad(f"strength of capability {name!r} must be a number, got {value!r}")
     strength = float(value)
     if not math.isfinite(strength) or abs(strength) > max_abs:
-        raise _bad(
-            f"strength of capability {name!r} must be finite and within ±{max_abs}, got {value!r}"
-        )
+        raise _bad(f"strength of capability {name!r} must be finite and within ±{max_abs}, got {value!r}")
     return strength
 
 

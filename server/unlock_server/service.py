@@ -136,7 +136,7 @@ class CapabilityService:
     async def upload(
         self, chunks: AsyncIterator[bytes], name: str | None, replace: bool
     ) -> tuple[dict, bool]:
-        """Stage, validate, register on the workers, then publish. Returns (capability JSON, created)."""
+        """Stage, validate, register on the workers, then publish. Returns (JSON, whether it changed)."""
         if name is not None:
             check_name(name)
         staged = await self.registry.stage(chunks, self.max_upload_bytes)
@@ -183,7 +183,7 @@ class CapabilityService:
             entry.mode,
             entry.layers,
         )
-        return self.public(entry), existing is None
+        return self.public(entry), True
 
     async def delete(self, name: str) -> dict[str, Any]:
         async with self._lock:

@@ -1,0 +1,124 @@
+"""Run the real `unlock-serve` process for tests, and fabricate capability artifacts for the tiny target.
+
+Shared by tests/server and tests/clients. The server runs on 127.0.0.1 on a free port; `start` polls
+/health and fails the test with the server's log if the process dies or never comes up.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+STARTUP_DEADLINE_S = 900  # a deadline for a hung start, not a timing assertion
+TINY_ENGINE_FLAGS = [
+    "--enforce-eager",
+    "--dtype",
+    "float32",
+    "--kv-cache-memory-bytes",
+    str(32 << 20),
+    "--max-model-len",
+    "512",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """One `unlock-serve` subprocess; `command` defaults to `python -m unlock_server.cli`."""
+
+    def __init__(
+        self,
+        args: list[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        command: list[str] | None = None,
+    ):
+        self.args = args
+        self.log_path = log_path
+        self.env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", **(env or {})}
+        self.command = command or [sys.executable, "-m", "unlock_server.cli"]
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def start(self) -> ServerProcess:
+        self.port = free_port()
+        log = self.log_path.open("a")
+        self.proc = subprocess.Popen(
+            [*self.command, *self.args, "--host", "127.0.0.1", "--port", str(self.port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + STARTUP_DEADLINE_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(
+                    f"unlock-serve exited with {self.proc.returncode} while starting:\n{self.log()[-8000:]}"
+                )
+            try:
+                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        self.stop()
+        pytest.fail(
+            f"unlock-serve did not become healthy in {STARTUP_DEADLINE_S} s; log:\n{self.log()[-8000:]}"
+        )
+
+    def stop(self) -> int | None:
+        """SIGTERM (what an orchestrator sends), then SIGKILL of the whole session if it hangs."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait(timeout=30)
+
+
+def capability_bytes(
+    name: str,
+    seed: int = 0,
+    mode: str = "rotate",
+    strength: float = 0.5,
+    num_layers: int = 4,
+    hidden_size: int = 64,
+    layers: list[int] | None = None,
+) -> bytes:
+    """A random-direction capability for a model of the given shape (the tiny target by default)."""
+    from unlock import Capability, TargetInfo
+
+    layers = list(range(num_layers)) if layers is None else layers
+    generator = torch.Generator().manual_seed(seed)
+    directions = torch.randn(len(layers), hidden_size, generator=generator)  # [len(layers), hidden]
+    target = TargetInfo("qwen2", num_layers, hidden_size, "tiny")
+    return Capability.from_directions(name, directions, layers, mode, strength, target).to_bytes()
+
+
+def with_nan(data: bytes) -> bytes:
+    """The same file with its last float32 value replaced by NaN (the tensor data ends the file)."""
+    return data[:-4] + struct.pack("<f", float("nan"))
