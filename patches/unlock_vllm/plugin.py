@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's configured "vllm" logger
 
 _registered = False
 

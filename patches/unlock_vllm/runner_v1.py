@@ -19,7 +19,7 @@ from unlock_vllm.discovery import find_decoder_layers
 from unlock_vllm.registry import Registry
 from unlock_vllm.state import SteeringState
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's configured "vllm" logger
 
 STATE_ATTR = "unlock_state"  # the runner attribute holding the SteeringState
 _WRAPPED = "__unlock_wrapped__"
@@ -64,6 +64,7 @@ def install(runner: Any, vllm_config: Any) -> SteeringState | None:
         device=runner.device,
         registry=old.registry if old else Registry(config.max_capabilities, num_layers, hidden_size),
         runner_class=f"{type(runner).__module__}.{type(runner).__qualname__}",
+        compilation_mode=getattr(compilation.mode, "name", str(compilation.mode)),
     )
     if state.wrapped_layers == 0:
         raise RuntimeError(

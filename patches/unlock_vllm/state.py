@@ -24,7 +24,7 @@ from unlock_vllm.registry import Registry
 from unlock_vllm.request import EXTRA_ARGS_KEY, decode_selection
 from unlock_vllm.steer_op import steer
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's configured "vllm" logger
 
 
 def _make_hook(
@@ -68,10 +68,12 @@ class SteeringState:
         device: torch.device,
         registry: Registry,
         runner_class: str,
+        compilation_mode: str,
     ) -> None:
         self.num_layers, self.hidden_size = num_layers, hidden_size
         self.registry = registry
         self.runner_class = runner_class
+        self.compilation_mode = compilation_mode
         rows = max_num_reqs + 1
         self.add_table = torch.zeros(num_layers, rows, hidden_size, dtype=dtype, device=device)
         self.rot_table = torch.zeros(num_layers, rows, hidden_size, dtype=dtype, device=device)
@@ -188,6 +190,7 @@ class SteeringState:
         return {
             "wrapped_layers": self.wrapped_layers,
             "runner": self.runner_class,
+            "compilation_mode": self.compilation_mode,
             "registered": self.registry.active(),
             "num_layers": self.num_layers,
             "hidden_size": self.hidden_size,

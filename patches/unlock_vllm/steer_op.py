@@ -15,7 +15,7 @@ import torch
 
 from unlock.ops import steer_hidden
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's configured "vllm" logger
 
 
 @torch.library.custom_op("unlock::steer", mutates_args=())

@@ -11,7 +11,7 @@ from typing import Any
 
 from unlock_vllm.runner_v1 import STATE_ATTR
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's configured "vllm" logger
 
 _NOT_INSTALLED = (
     "steering is not installed in this worker: start the engine with unlock_vllm.engine_kwargs() "

@@ -37,6 +37,7 @@ def _engine_args(spec: dict) -> dict:
         max_num_seqs=16,
         enforce_eager=spec["eager"],
         enable_prefix_caching=spec.get("prefix_caching", False),
+        block_size=32,  # the CPU backend's smallest; short prompts then fill whole (cacheable) blocks
         kv_cache_memory_bytes=64 * 2**20,
     )
     if spec.get("max_num_batched_tokens"):
@@ -49,12 +50,17 @@ def _engine_args(spec: dict) -> dict:
     return args
 
 
-def _params(spec: dict, selection: list):
+def _params(spec: dict, request: dict):
+    """Greedy params; `selection` is encoded, `raw` is sent as is (to test malformed input)."""
+    from unlock_vllm.request import EXTRA_ARGS_KEY, encode_selection
     from vllm import SamplingParams
 
-    from unlock_vllm.request import EXTRA_ARGS_KEY, encode_selection
-
-    extra = {EXTRA_ARGS_KEY: encode_selection(selection)} if selection else None
+    if "raw" in request:
+        extra = {EXTRA_ARGS_KEY: request["raw"]}
+    elif request.get("selection"):
+        extra = {EXTRA_ARGS_KEY: encode_selection(request["selection"])}
+    else:
+        extra = None
     return SamplingParams(
         temperature=0.0, max_tokens=spec["max_tokens"], logprobs=0, ignore_eos=True, extra_args=extra
     )
@@ -63,7 +69,7 @@ def _params(spec: dict, selection: list):
 def _result(output) -> dict:
     completion = output.outputs[0]
     logprobs = [float(step[token].logprob) for token, step in zip(completion.token_ids, completion.logprobs)]
-    return {"token_ids": list(completion.token_ids), "logprobs": logprobs}
+    return {"token_ids": list(completion.token_ids), "logprobs": logprobs, "cached": output.num_cached_tokens}
 
 
 def run_sync(spec: dict) -> dict:
@@ -81,7 +87,7 @@ def run_sync(spec: dict) -> dict:
         requests = phase.get("requests", [])
         if requests:
             prompts = [r["prompt"] for r in requests]
-            params = [_params(spec, r.get("selection", [])) for r in requests]
+            params = [_params(spec, r) for r in requests]
             outputs = llm.generate(prompts, params, use_tqdm=False)
             record["outputs"] = [_result(o) for o in outputs]
         result["phases"].append(record)
@@ -101,7 +107,7 @@ async def _run_async_register(spec: dict) -> dict:
 
         async def generate(request_id: str, request: dict) -> dict:
             final = None
-            async for output in engine.generate(request["prompt"], _params(spec, request["selection"]), request_id):
+            async for output in engine.generate(request["prompt"], _params(spec, request), request_id):
                 final = output
             return _result(final)
 

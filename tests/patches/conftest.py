@@ -1,0 +1,164 @@
+"""Fixtures for the vLLM patch tests: fabricated capabilities, an engine-job runner and the HF oracle."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+JOB = Path(__file__).with_name("engine_job.py")
+
+# Prompts of the engine batches: distinct, a few to a few dozen tokens each.
+PROMPTS = [
+    "Question: Tom has 3 apples and buys 5 more. How many apples does he have now?",
+    "The quick brown fox jumps over the lazy dog",
+    "Mary had a little lamb whose fleece was white as snow",
+    "There are 12 eggs in a dozen. If Sara uses 4 eggs,",
+    "A train travels 60 miles in 2 hours. What is its speed",
+    "Reason step by step before giving the final answer.",
+    "The final answer is 42. The sum of 17 and 25",
+    "Solve the following problem and finish with the final answer.",
+    "user assistant system hello world numbers 0 1 2 3",
+    "Answer: Let's think step by step. Tom starts with 3 apples",
+]
+
+
+@dataclass(frozen=True)
+class Cap:
+    name: str
+    mode: str
+    path: str
+    sha256: str
+
+
+@pytest.fixture(scope="session")
+def capabilities(tiny_target_model, tmp_path_factory) -> dict[str, Cap]:
+    """Random target-space directions saved as real artifacts; `rotA2` is `rotA` re-made with new content."""
+    from tiny_models import TARGET
+
+    from unlock import Capability, TargetInfo
+
+    out = tmp_path_factory.mktemp("capabilities")
+    target = TargetInfo("Qwen2ForCausalLM", TARGET.num_layers, TARGET.hidden_size, "tiny-target")
+    generator = torch.Generator().manual_seed(1234)
+    made = {}
+    for key, name, mode, layers in [
+        ("rotA", "rotA", "rotate", [1, 2]),
+        ("rotC", "rotC", "rotate", [3]),
+        ("addB", "addB", "add", [0, 2, 3]),
+        ("addD", "addD", "add", [1]),
+        ("rotA2", "rotA", "rotate", [1, 2]),
+    ]:
+        directions = torch.randn(len(layers), TARGET.hidden_size, generator=generator)  # [L, d]
+        path = out / f"{key}.safetensors"
+        Capability.from_directions(name, directions, layers, mode, 1.0, target).save(path)
+        made[key] = Cap(name, mode, str(path), Capability.load(path).sha256)
+    return made
+
+
+def run_job(spec: dict, work: Path, timeout: int = 600) -> dict:
+    """Run engine_job.py on `spec` in a fresh process; fail with its log tail if it does not finish cleanly."""
+    work.mkdir(parents=True, exist_ok=True)
+    spec = {"cache_root": str(work / "vllm-cache"), **spec}
+    spec_path, out_path = work / "spec.json", work / "out.json"
+    spec_path.write_text(json.dumps(spec))
+    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, str(JOB), str(spec_path), str(out_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"engine job failed (rc={proc.returncode}):\n{log[-6000:]}"
+    result = json.loads(out_path.read_text())
+    result["log"] = log
+    return result
+
+
+@pytest.fixture(scope="session")
+def hf_target(tiny_target_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_target_model, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(tiny_target_model)
+
+
+@pytest.fixture(scope="session")
+def oracle(hf_target, capabilities):
+    """oracle(prompts, selections, max_tokens): the HF reference, each prompt alone, greedy.
+
+    A selection is [(cap key, strength), ...]; returns `unlock.steering.Generation`s.
+    """
+    from unlock import Capability
+    from unlock.steering import steered_generate
+
+    model, tokenizer = hf_target
+    loaded = {key: Capability.load(cap.path) for key, cap in capabilities.items()}
+
+    def run(prompts, selections, max_tokens):
+        chosen = [[(loaded[key], strength) for key, strength in sel] for sel in selections]
+        return steered_generate(model, tokenizer, prompts, chosen, max_tokens, ignore_eos=True)
+
+    return run
+
+
+def wire(capabilities: dict[str, Cap], selection) -> list[list]:
+    """[(cap key, strength), ...] -> the [[sha256, strength, mode], ...] an engine request carries."""
+    return [[capabilities[key].sha256, strength, capabilities[key].mode] for key, strength in selection]
+
+
+def register_list(capabilities: dict[str, Cap], keys) -> list[list[str]]:
+    return [[capabilities[key].path, capabilities[key].sha256] for key in keys]
+
+
+def assert_matches_oracle(got: dict, want, label: str, tol: float = 1e-4) -> None:
+    assert got["token_ids"] == want.token_ids, (
+        f"{label}: engine {got['token_ids']} != oracle {want.token_ids}"
+    )
+    worst = max(abs(a - b) for a, b in zip(got["logprobs"], want.logprobs))
+    assert worst < tol, f"{label}: logprobs differ from the oracle by {worst:.2e} (tolerance {tol:.0e})"
+
+
+# One engine batch, every prompt with its own capability set: (cap key, strength) pairs.
+EQUIVALENCE_SELECTIONS = [
+    [],
+    [("rotA", 1.0)],
+    [("addB", 0.5)],
+    [("rotA", 0.7), ("rotC", 1.5)],  # two rotates, different strengths
+    [("addB", 0.3), ("addD", 0.8)],  # two adds
+    [("rotA", 0.6), ("addB", 0.4)],  # both modes
+    [],
+    [("rotC", -1.0)],
+    [("addD", 1.0)],
+    [("rotA", 1.0), ("addB", 0.5), ("rotC", 0.5), ("addD", 0.2)],
+]
+EQUIVALENCE_TOKENS = 8
+
+
+def equivalence_requests(capabilities: dict[str, Cap]) -> list[dict]:
+    return [
+        {"prompt": prompt, "selection": wire(capabilities, sel)}
+        for prompt, sel in zip(PROMPTS, EQUIVALENCE_SELECTIONS)
+    ]
+
+
+def check_equivalence(outputs: list[dict], oracle, label: str) -> None:
+    """Every prompt of the engine batch equals the oracle on that prompt alone; steering visibly acts."""
+    want = oracle(PROMPTS, EQUIVALENCE_SELECTIONS, EQUIVALENCE_TOKENS)
+    plain = oracle(PROMPTS, [[] for _ in PROMPTS], EQUIVALENCE_TOKENS)
+    for i, (got, ref, base, sel) in enumerate(zip(outputs, want, plain, EQUIVALENCE_SELECTIONS)):
+        assert_matches_oracle(got, ref, f"{label} prompt {i} {sel}")
+        if sel:
+            assert ref.token_ids != base.token_ids, (
+                f"prompt {i} {sel}: the strength does not change greedy output"
+            )
