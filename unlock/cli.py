@@ -24,6 +24,7 @@ from unlock.pipeline import (
     ModelCache,
     ModelOptions,
     Timer,
+    check_build,
     run_align,
     run_extract,
 )
@@ -145,7 +146,9 @@ def cmd_align(args: argparse.Namespace, timer: Timer, extracted: Extracted | Non
 
 def cmd_build(args: argparse.Namespace, timer: Timer) -> None:
     models = ModelCache(pick(ModelOptions, args), timer)
-    cmd_align(args, timer, run_extract(pick(ExtractConfig, args), models), models)
+    extract_config = pick(ExtractConfig, args)
+    check_build(extract_config, pick(AlignConfig, args), models)
+    cmd_align(args, timer, run_extract(extract_config, models), models)
 
 
 def describe(capability: Capability) -> str:

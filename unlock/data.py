@@ -7,7 +7,10 @@ from pathlib import Path
 
 
 def load_questions(path: str | Path, field: str = "question", n: int | None = None) -> list[str]:
-    """The first ``n`` (all when None) non-empty values of ``field``; errors name the file, line and fix."""
+    """The first ``n`` (all when None) values of ``field``; errors name the file, line and fix.
+
+    Every line is checked, not only the first n, so a broken file fails before any model runs.
+    """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"data file {str(path)!r} does not exist")
@@ -34,10 +37,8 @@ def load_questions(path: str | Path, field: str = "question", n: int | None = No
                     f"{path}:{lineno}: field {field!r} must be a non-empty string, got {value!r}"
                 )
             questions.append(value)
-            if n is not None and len(questions) == n:
-                break
     if not questions:
         raise ValueError(f"data file {str(path)!r} holds no records")
     if n is not None and len(questions) < n:
         raise ValueError(f"data file {str(path)!r} holds {len(questions)} records, fewer than -n {n}")
-    return questions
+    return questions if n is None else questions[:n]

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from unlock._version import __version__
-from unlock.align import align
+from unlock.align import align, split_indices
 from unlock.artifacts import Capability, TargetInfo, read_header_metadata, serialize, write_atomic
 from unlock.capture import LoadedModel, capture_last_token, format_prompts, load_model
 from unlock.data import load_questions
@@ -140,6 +140,15 @@ class ModelCache:
                 o = self.options
                 self.models[name] = load_model(name, o.dtype, o.device, o.layers_module)
         return self.models[name]
+
+
+def check_build(extract: ExtractConfig, align_config: AlignConfig, models: ModelCache) -> None:
+    """Fail on bad data, templates, split or layers before `unlock build` starts its slow part (capture)."""
+    load_template(extract.locked_template)
+    load_template(extract.unlocked_template)
+    n = len(load_questions(extract.data, extract.field, extract.n))
+    split_indices(n, align_config.holdout, align_config.seed)
+    parse_layer_spec(align_config.layers, models.get(align_config.target).num_layers)
 
 
 def run_extract(config: ExtractConfig, models: ModelCache) -> Extracted:

@@ -1,0 +1,237 @@
+"""The `unlock` console script end to end on the two tiny models, and its handling of bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from unlock import Capability
+from unlock.cli import main
+
+UNLOCK = Path(sys.executable).parent / "unlock"
+DEMO = Path(__file__).resolve().parents[2] / "unlock" / "data" / "demo_questions.jsonl"
+QUESTION = "Tom has 3 apples and buys 5 more. How many apples does he have now?"
+
+
+def run_unlock(*args: str) -> subprocess.CompletedProcess:
+    if not UNLOCK.is_file():
+        pytest.fail(f"console script {UNLOCK} is missing: install the project (pip install -e .)")
+    return subprocess.run([str(UNLOCK), *args], capture_output=True, text=True, timeout=600)
+
+
+def build_args(source: Path, target: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--source-locked", str(source), "--target", str(target), "--data", str(DEMO), "--field", "question",
+        "-n", "24", "--rank", "8", "--aggregation", "mean", "--mode", "rotate", "--strength", "0.5",
+        "--layers", "1-3", "--name", "cot", "-o", str(out), "--device", "cpu", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_source_model, tiny_target_model):
+    out = tmp_path_factory.mktemp("build") / "cot.safetensors"
+    proc = run_unlock("build", *build_args(tiny_source_model, tiny_target_model, out))
+    assert proc.returncode == 0, proc.stderr
+    return out, proc
+
+
+def test_build_writes_a_valid_artifact_and_reports_time(built, tiny_source_model, tiny_target_model):
+    out, proc = built
+    capability = Capability.load(out)
+    capability.check_target(4, 64)  # the tiny Qwen2 target
+    assert (capability.name, capability.mode, capability.default_strength) == ("cot", "rotate", 0.5)
+    assert capability.layers == [1, 2, 3] and capability.storage == "factors"
+    meta = capability.metadata
+    assert meta["source_locked"] == str(tiny_source_model) and meta["target_name"] == str(tiny_target_model)
+    assert (meta["source_num_layers"], meta["source_hidden_size"]) == ("6", "128")
+    assert json.loads(meta["source_layers"]) == [1, 3, 5]  # depth map 6 -> 4 layers
+    assert (meta["n"], meta["n_fit"], meta["n_holdout"], meta["rank"]) == ("24", "19", "5", "8")
+    assert (meta["locked_template"], meta["unlocked_template"], meta["center"]) == ("direct", "cot", "false")
+    errors = capability.alignment_errors
+    assert len(errors) == 3 and all(0 < e < 10 for e in errors)
+    assert capability.target_directions().shape == (3, 64)
+    for stage in (
+        "where the time went",
+        "capture source-locked",
+        "capture source-unlocked",
+        "capture target",
+    ):
+        assert stage in proc.stdout
+    assert sorted(p.name for p in out.parent.iterdir()) == ["cot.safetensors"]  # no temporary files left
+
+
+def test_inspect_describes_the_artifact(built):
+    out, _ = built
+    proc = run_unlock("inspect", str(out))
+    assert proc.returncode == 0, proc.stderr
+    capability = Capability.load(out)
+    for text in ("cot", capability.sha256, "rotate", "4 layers, hidden 64", "held-out error"):
+        assert text in proc.stdout
+    as_json = json.loads(run_unlock("inspect", "--json", str(out)).stdout)
+    assert as_json["metadata"] == capability.metadata and as_json["sha256"] == capability.sha256
+    assert as_json["tensors"]["align.v_t"] == [3, 64, 8]
+
+
+def test_extract_then_align_gives_the_same_artifact_as_build(
+    built, tmp_path, tiny_source_model, tiny_target_model
+):
+    out, _ = built
+    extracted, aligned = tmp_path / "extracted.safetensors", tmp_path / "aligned.safetensors"
+    proc = run_unlock(
+        "extract", "--source-locked", str(tiny_source_model), "--data", str(DEMO), "--field", "question",
+        "-n", "24", "--aggregation", "mean", "-o", str(extracted), "--device", "cpu",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    proc = run_unlock(
+        "align", "--extracted", str(extracted), "--target", str(tiny_target_model), "--rank", "8",
+        "--mode", "rotate", "--strength", "0.5", "--layers", "1-3", "--name", "cot", "-o", str(aligned),
+        "--device", "cpu",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert aligned.read_bytes() == out.read_bytes()
+
+
+def generate(capsys, model: Path, *extra: str) -> dict:
+    assert main([
+        "generate", "--model", str(model), "--prompt", QUESTION, "--template", "direct",
+        "--max-new-tokens", "12", "--ignore-eos", "--json", "--device", "cpu", *extra,
+    ]) == 0  # fmt: skip
+    return json.loads(capsys.readouterr().out)
+
+
+def test_generate_at_strength_zero_is_unsteered_and_positive_strength_changes_it(
+    built, capsys, tiny_target_model
+):
+    out, _ = built
+    plain = generate(capsys, tiny_target_model)
+    zero = generate(capsys, tiny_target_model, "--capability", f"{out}@0")
+    steered = generate(capsys, tiny_target_model, "--capability", f"{out}@1.0")
+    assert plain["prompt"].endswith(f"Question: {QUESTION}\nAnswer:\n")
+    assert len(plain["token_ids"]) == 12
+    assert zero["token_ids"] == plain["token_ids"] and zero["logprobs"] == plain["logprobs"]
+    assert steered["token_ids"] != plain["token_ids"]
+
+
+# -- bad input: a clear message on stderr, exit status 2, nothing written
+
+
+@pytest.fixture(scope="module")
+def nan_model(tmp_path_factory, tiny_source_model):
+    """The tiny source with NaN weights in decoder layer 2."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("nan-model")
+    model = AutoModelForCausalLM.from_pretrained(tiny_source_model)
+    with torch.no_grad():
+        model.model.layers[2].mlp.down_proj.weight.fill_(float("nan"))
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tiny_source_model / name).exists():
+            shutil.copy(tiny_source_model / name, folder / name)
+    return folder
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def assert_refused(argv: list[str], capsys, message: str, out: Path | None = None) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert err.splitlines()[-1].startswith(f"unlock {argv[0]}: error: ")  # after transformers' progress bars
+    if out is not None:
+        assert not out.exists() and list(out.parent.glob(f".{out.name}*")) == []
+
+
+@pytest.mark.parametrize(
+    ("data", "extra", "message"),
+    [
+        ("", [], "holds no records"),
+        ('{"question": "ok"}\n{"question": oops}\n', [], ":2: not valid JSON"),
+        ('["a list"]\n', [], ":1: expected a JSON object"),
+        ('{"prompt": "a"}\n', [], "no field 'question' (fields: ['prompt'])"),
+        ('{"question": ""}\n', [], "must be a non-empty string"),
+        ('{"question": "a"}\n{"question": "b"}\n', ["-n", "3"], "holds 2 records, fewer than -n 3"),
+        (None, ["--locked-template", "socratic"], "unknown template 'socratic'"),
+        (None, ["--layers", "7"], "out of range for a model with 4 layers"),
+        (None, ["-n", "1"], "cannot hold out 20% of 1 prompts"),
+    ],
+)
+def test_bad_build_input(tmp_path, capsys, tiny_source_model, tiny_target_model, data, extra, message):
+    """Checked before any capture starts; `data` None means the good demo file."""
+    out = tmp_path / "out.safetensors"
+    args = build_args(tiny_source_model, tiny_target_model, out, *extra)
+    if data is not None:
+        args[args.index("--data") + 1] = str(write(tmp_path / "data.jsonl", data))
+    assert_refused(["build", *args], capsys, message, out)
+
+
+def test_template_file_needs_the_placeholder(tmp_path, capsys, tiny_source_model, tiny_target_model):
+    out = tmp_path / "out.safetensors"
+    template = write(tmp_path / "t.txt", "No placeholder here\n")
+    args = build_args(tiny_source_model, tiny_target_model, out, "--unlocked-template", str(template))
+    assert_refused(["build", *args], capsys, "must contain the placeholder {question} exactly once", out)
+
+
+def test_missing_field_is_named(tmp_path, capsys, tiny_source_model, tiny_target_model):
+    out = tmp_path / "out.safetensors"
+    args = build_args(tiny_source_model, tiny_target_model, out, "--field", "problem")
+    assert_refused(["build", *args], capsys, "no field 'problem' (fields: ['answer', 'question'])", out)
+
+
+def test_nan_activations_are_refused(tmp_path, capsys, nan_model, tiny_target_model):
+    out = tmp_path / "out.safetensors"
+    assert_refused(
+        ["build", *build_args(nan_model, tiny_target_model, out)], capsys, "at decoder layer 2", out
+    )
+
+
+def test_capability_for_another_model_is_refused(built, capsys, tiny_source_model):
+    out, _ = built
+    argv = ["generate", "--model", str(tiny_source_model), "--capability", str(out), "--prompt", "hi"]
+    assert_refused(argv, capsys, "(4 layers, hidden size 64), but the model has 6 layers, hidden size 128")
+
+
+def test_truncated_artifact_is_refused(built, tmp_path, capsys, tiny_target_model):
+    out, _ = built
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(out.read_bytes()[:-100])
+    assert_refused(["inspect", str(truncated)], capsys, "corrupt or truncated")
+    argv = [
+        "generate",
+        "--model",
+        str(tiny_target_model),
+        "--capability",
+        f"{truncated}@0.2",
+        "--prompt",
+        "hi",
+    ]
+    assert_refused(argv, capsys, "truncated.safetensors: corrupt or truncated")
+    # The real console script exits with the same status and message.
+    proc = run_unlock("inspect", str(truncated))
+    assert proc.returncode == 2 and "corrupt or truncated" in proc.stderr and proc.stdout == ""
+
+
+def test_align_refuses_a_file_that_is_not_an_extraction(built, tmp_path, capsys, tiny_target_model):
+    out, _ = built
+    target = tmp_path / "cap.safetensors"
+    argv = [
+        "align",
+        "--extracted",
+        str(out),
+        "--target",
+        str(tiny_target_model),
+        "--name",
+        "x",
+        "-o",
+        str(target),
+    ]
+    assert_refused(argv, capsys, "expected 'unlock.extracted'", target)
