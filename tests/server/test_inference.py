@@ -17,11 +17,22 @@ COT_STRENGTH = 3.0  # rotate: large enough to flip greedy choices of the peaked 
 @pytest.fixture(scope="module")
 def server(tiny_target_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("inference")
-    args = ["--model", str(tiny_target_model), "--served-model-name", "tiny", *TINY_ENGINE_FLAGS,
-            "--api-key", API_KEY, "--admin-key", ADMIN_KEY, "--capabilities-dir", str(tmp / "registry")]  # fmt: skip
+    args = [
+        "--model",
+        str(tiny_target_model),
+        "--served-model-name",
+        "tiny",
+        *TINY_ENGINE_FLAGS,
+        "--api-key",
+        API_KEY,
+        "--admin-key",
+        ADMIN_KEY,
+        "--capabilities-dir",
+        str(tmp / "registry"),
+    ]
     proc = ServerProcess(args, tmp / "server.log", env={"UNLOCK_CACHE_DIR": str(tmp / "cache")}).start()
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
-    for name, data in {"cot": COT_ARTIFACT, "boost": BOOST_ARTIFACT}.items():
+    for data in (COT_ARTIFACT, BOOST_ARTIFACT):
         r = httpx.post(f"{proc.url}/v1/capabilities", content=data, headers=admin, timeout=60)
         assert r.status_code == 201, r.text
     yield proc
@@ -41,6 +52,7 @@ def client(server) -> openai.OpenAI:
 def oracle(tiny_target_model):
     """Greedy HF generation with the same steering equations: token ids per selection."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from unlock import Capability
     from unlock.steering import steered_generate
 
@@ -57,9 +69,12 @@ def oracle(tiny_target_model):
 
 def complete(client: openai.OpenAI, model: str = "tiny", **extra) -> tuple[list[int], httpx.Headers]:
     raw = client.completions.with_raw_response.create(
-        model=model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0,
+        model=model,
+        prompt=PROMPT,
+        max_tokens=MAX_TOKENS,
+        temperature=0,
         extra_body={"return_token_ids": True, **extra},
-    )  # fmt: skip
+    )
     return list(raw.parse().choices[0].token_ids), raw.headers
 
 
@@ -94,13 +109,22 @@ def test_strength_zero_equals_unsteered(client):
 @pytest.mark.parametrize("capabilities", [None, ["cot"]])
 def test_completion_stream_equals_non_stream(client, capabilities):
     extra = {"capabilities": capabilities} if capabilities else {}
-    text = client.completions.create(
-        model="tiny", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, extra_body=extra
-    ).choices[0].text
+    text = (
+        client.completions.create(
+            model="tiny", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, extra_body=extra
+        )
+        .choices[0]
+        .text
+    )
     stream = client.completions.create(
-        model="tiny", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, stream=True, extra_body=extra,
+        model="tiny",
+        prompt=PROMPT,
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        stream=True,
+        extra_body=extra,
         stream_options={"include_usage": True},
-    )  # fmt: skip
+    )
     chunks = list(stream)
     assert "".join(c.choices[0].text for c in chunks if c.choices) == text
     assert chunks[-1].usage.completion_tokens == MAX_TOKENS
@@ -108,9 +132,12 @@ def test_completion_stream_equals_non_stream(client, capabilities):
 
 def chat(client, model="tiny", **kwargs):
     return client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "How many apples does Tom have?"}],
-        max_tokens=MAX_TOKENS, temperature=0, **kwargs,
-    )  # fmt: skip
+        model=model,
+        messages=[{"role": "user", "content": "How many apples does Tom have?"}],
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        **kwargs,
+    )
 
 
 def test_chat_steered_differs_and_streams_the_same(client, server):
@@ -124,10 +151,14 @@ def test_chat_steered_differs_and_streams_the_same(client, server):
 
 
 def test_stream_response_carries_capability_header(server):
-    body = {"model": "tiny+cot@0.25", "stream": True, "max_tokens": 4,
-            "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
-    headers = {"Authorization": f"Bearer {API_KEY}"}
-    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
+    body = {
+        "model": "tiny+cot@0.25",
+        "stream": True,
+        "max_tokens": 4,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, headers=auth, timeout=60) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         assert r.headers["x-unlock-capabilities"] == "cot@0.25"
@@ -136,19 +167,32 @@ def test_stream_response_carries_capability_header(server):
 
 def test_n_seed_logprobs_and_stop_pass_through(client):
     out = client.completions.create(
-        model="tiny+cot", prompt=PROMPT, max_tokens=MAX_TOKENS, n=2, seed=7, temperature=1.0, logprobs=2,
-    )  # fmt: skip
+        model="tiny+cot",
+        prompt=PROMPT,
+        max_tokens=MAX_TOKENS,
+        n=2,
+        seed=7,
+        temperature=1.0,
+        logprobs=2,
+    )
     assert len(out.choices) == 2
     assert all(len(c.logprobs.tokens) == MAX_TOKENS for c in out.choices)
     again = client.completions.create(
-        model="tiny+cot", prompt=PROMPT, max_tokens=MAX_TOKENS, n=2, seed=7, temperature=1.0, logprobs=2,
-    )  # fmt: skip
+        model="tiny+cot",
+        prompt=PROMPT,
+        max_tokens=MAX_TOKENS,
+        n=2,
+        seed=7,
+        temperature=1.0,
+        logprobs=2,
+    )
     assert [c.text for c in again.choices] == [c.text for c in out.choices]
     first = out.choices[0].text
     stop = first[len(first) // 2 :][:2]
     if stop.strip():
-        cut = client.completions.create(model="tiny+cot", prompt=PROMPT, max_tokens=MAX_TOKENS, n=1, seed=7,
-                                        temperature=1.0, stop=[stop])  # fmt: skip
+        cut = client.completions.create(
+            model="tiny+cot", prompt=PROMPT, max_tokens=MAX_TOKENS, n=1, seed=7, temperature=1.0, stop=[stop]
+        )
         assert stop not in cut.choices[0].text
 
 
