@@ -64,7 +64,7 @@ def capabilities(tiny_target_model, tmp_path_factory) -> dict[str, Cap]:
 
 
 def run_job(spec: dict, work: Path, timeout: int = 600) -> dict:
-    """Run engine_job.py on `spec` in a fresh process; fail with its log tail if it does not finish cleanly."""
+    """Run engine_job.py on `spec` in a fresh process; fail with its log tail unless it exits cleanly."""
     work.mkdir(parents=True, exist_ok=True)
     spec = {"cache_root": str(work / "vllm-cache"), **spec}
     spec_path, out_path = work / "spec.json", work / "out.json"
@@ -112,6 +112,28 @@ def oracle(hf_target, capabilities):
     return run
 
 
+@pytest.fixture(scope="session")
+def oracle_ids(hf_target, capabilities):
+    """oracle_ids(prompt_ids, selection, max_tokens): the HF reference on one prompt given as token ids."""
+    from unlock import Capability
+    from unlock.capture import pad_id_of
+    from unlock.layers import find_decoder_layers, hidden_size_of
+    from unlock.steering import SteeringHooks, generate_batch
+
+    model, tokenizer = hf_target
+    loaded = {key: Capability.load(cap.path) for key, cap in capabilities.items()}
+
+    def run(prompt_ids, selection, max_tokens):
+        chosen = [(loaded[key], strength) for key, strength in selection]
+        with SteeringHooks(find_decoder_layers(model), hidden_size_of(model)) as hooks:
+            [result] = generate_batch(
+                model, hooks, [prompt_ids], [chosen], max_tokens, set(), pad_id_of(tokenizer)
+            )
+        return result
+
+    return run
+
+
 def wire(capabilities: dict[str, Cap], selection) -> list[list]:
     """[(cap key, strength), ...] -> the [[sha256, strength, mode], ...] an engine request carries."""
     return [[capabilities[key].sha256, strength, capabilities[key].mode] for key, strength in selection]
@@ -125,7 +147,7 @@ def assert_matches_oracle(got: dict, want, label: str, tol: float = 1e-4) -> Non
     assert got["token_ids"] == want.token_ids, (
         f"{label}: engine {got['token_ids']} != oracle {want.token_ids}"
     )
-    worst = max(abs(a - b) for a, b in zip(got["logprobs"], want.logprobs))
+    worst = max(abs(a - b) for a, b in zip(got["logprobs"], want.logprobs, strict=True))
     assert worst < tol, f"{label}: logprobs differ from the oracle by {worst:.2e} (tolerance {tol:.0e})"
 
 
@@ -148,7 +170,7 @@ EQUIVALENCE_TOKENS = 8
 def equivalence_requests(capabilities: dict[str, Cap]) -> list[dict]:
     return [
         {"prompt": prompt, "selection": wire(capabilities, sel)}
-        for prompt, sel in zip(PROMPTS, EQUIVALENCE_SELECTIONS)
+        for prompt, sel in zip(PROMPTS, EQUIVALENCE_SELECTIONS, strict=True)
     ]
 
 
@@ -156,7 +178,7 @@ def check_equivalence(outputs: list[dict], oracle, label: str) -> None:
     """Every prompt of the engine batch equals the oracle on that prompt alone; steering visibly acts."""
     want = oracle(PROMPTS, EQUIVALENCE_SELECTIONS, EQUIVALENCE_TOKENS)
     plain = oracle(PROMPTS, [[] for _ in PROMPTS], EQUIVALENCE_TOKENS)
-    for i, (got, ref, base, sel) in enumerate(zip(outputs, want, plain, EQUIVALENCE_SELECTIONS)):
+    for i, (got, ref, base, sel) in enumerate(zip(outputs, want, plain, EQUIVALENCE_SELECTIONS, strict=True)):
         assert_matches_oracle(got, ref, f"{label} prompt {i} {sel}")
         if sel:
             assert ref.token_ids != base.token_ids, (

@@ -7,7 +7,8 @@ SPEC keys: model, plugin (bool: steering engine vs an engine with the plugin exc
 eager, prefix_caching, max_num_batched_tokens, max_tokens, mode ("sync" | "async_register"), and
 phases: [{"register": [path, ...], "unregister": [sha, ...], "requests": [{"prompt", "selection"}]}].
 A selection is [[sha256, strength, mode], ...]; the phases run one after the other, each request list as
-one engine batch.
+one engine batch. Instead of "prompt" a request may give "extend": {"phase": i, "extra": [ids]}: the
+token ids of phase i's first request, its generated tokens and `extra` (a follow-up turn).
 """
 
 from __future__ import annotations
@@ -68,8 +69,25 @@ def _params(spec: dict, request: dict):
 
 def _result(output) -> dict:
     completion = output.outputs[0]
-    logprobs = [float(step[token].logprob) for token, step in zip(completion.token_ids, completion.logprobs)]
-    return {"token_ids": list(completion.token_ids), "logprobs": logprobs, "cached": output.num_cached_tokens}
+    logprobs = [
+        float(step[token].logprob)
+        for token, step in zip(completion.token_ids, completion.logprobs, strict=True)
+    ]
+    return {
+        "prompt_token_ids": list(output.prompt_token_ids),
+        "token_ids": list(completion.token_ids),
+        "logprobs": logprobs,
+        "cached": output.num_cached_tokens,
+    }
+
+
+def _prompt(request: dict, done: list[dict]):
+    if "extend" not in request:
+        return request["prompt"]
+    earlier = done[request["extend"]["phase"]]["outputs"][0]
+    return {
+        "prompt_token_ids": earlier["prompt_token_ids"] + earlier["token_ids"] + request["extend"]["extra"]
+    }
 
 
 def run_sync(spec: dict) -> dict:
@@ -86,10 +104,12 @@ def run_sync(spec: dict) -> dict:
             record["unregister"].append(rpc("unlock_unregister", args=(sha,))[0])
         requests = phase.get("requests", [])
         if requests:
-            prompts = [r["prompt"] for r in requests]
+            prompts = [_prompt(r, result["phases"]) for r in requests]
             params = [_params(spec, r) for r in requests]
             outputs = llm.generate(prompts, params, use_tqdm=False)
             record["outputs"] = [_result(o) for o in outputs]
+        if rpc:
+            record["status"] = rpc("unlock_status")[0]
         result["phases"].append(record)
     result["status_end"] = rpc("unlock_status")[0] if rpc else None
     return result
