@@ -28,6 +28,7 @@ def tiny_models():
     path = Path(__file__).resolve().parents[1] / "tiny_models.py"
     spec = importlib.util.spec_from_file_location("tiny_models", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["tiny_models"] = module  # dataclasses look their module up while the file runs
     spec.loader.exec_module(module)
     return module
 
