@@ -1,0 +1,154 @@
+"""`unlock_client` (sync, async, `extra_body` helper) and the `unlockctl` CLI against the real server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+
+import openai
+import pytest
+from serve_harness import TINY_ENGINE_FLAGS, ServerProcess, capability_bytes
+from unlock_client import (
+    AsyncUnlockClient,
+    UnlockAPIError,
+    UnlockClient,
+    capabilities_extra_body,
+    model_with_capabilities,
+    parse_spec,
+)
+
+API_KEY, ADMIN_KEY = "client-api-key", "client-admin-key"
+PROMPT = "Question: Tom has 3 apples and buys 5 more. How many apples does he have now?\nAnswer:"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_target_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("clients")
+    args = [
+        "--model",
+        str(tiny_target_model),
+        "--served-model-name",
+        "tiny",
+        *TINY_ENGINE_FLAGS,
+        "--api-key",
+        API_KEY,
+        "--admin-key",
+        ADMIN_KEY,
+        "--capabilities-dir",
+        str(tmp / "registry"),
+    ]
+    proc = ServerProcess(args, tmp / "server.log", env={"UNLOCK_CACHE_DIR": str(tmp / "cache")}).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    path = tmp_path_factory.mktemp("artifact") / "hint.safetensors"
+    path.write_bytes(capability_bytes("hint", seed=5, strength=3.0))
+    return path
+
+
+def test_selection_helpers():
+    assert capabilities_extra_body(["cot", "math@0.05"]) == {
+        "capabilities": ["cot", {"name": "math", "strength": 0.05}]
+    }
+    assert capabilities_extra_body({"cot": 0.15}, seed=1) == {
+        "capabilities": [{"name": "cot", "strength": 0.15}],
+        "seed": 1,
+    }
+    assert model_with_capabilities("m", ["cot@0.15", "math"]) == "m+cot@0.15+math"
+    assert parse_spec("cot") == ("cot", None)
+    with pytest.raises(ValueError, match="not a number"):
+        parse_spec("cot@high")
+
+
+def test_sync_client_lifecycle_and_openai_sdk(server, artifact):
+    with UnlockClient(server.url, api_key=ADMIN_KEY) as admin:
+        created = admin.upload(artifact)
+        assert created["name"] == "hint" and created["status"] == "ready"
+        assert [c["name"] for c in admin.list()] == ["hint"]
+        assert admin.get("hint")["sha256"] == created["sha256"]
+        assert admin.health()["plugin"]["wrapped_layers"] == 4
+        with pytest.raises(UnlockAPIError) as err:
+            admin.upload_bytes(capability_bytes("hint", seed=6))
+        assert err.value.status == 409 and err.value.param == "name"
+
+    sdk = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
+    request = dict(model="tiny", prompt=PROMPT, max_tokens=10, temperature=0)
+    plain = sdk.completions.create(**request).choices[0].text
+    steered = sdk.completions.create(**request, extra_body=capabilities_extra_body(["hint"])).choices[0].text
+    by_name = sdk.completions.create(**{**request, "model": model_with_capabilities("tiny", ["hint"])})
+    assert steered != plain and by_name.choices[0].text == steered
+
+    with UnlockClient(server.url, api_key=API_KEY) as reader:
+        with pytest.raises(UnlockAPIError) as err:
+            reader.delete("hint")  # the API key cannot write
+        assert err.value.status == 403
+    with UnlockClient(server.url, api_key=ADMIN_KEY) as admin:
+        assert admin.delete("hint")["deleted"] is True
+        assert admin.list() == []
+
+
+def test_async_client_lifecycle(server, artifact):
+    async def scenario():
+        async with AsyncUnlockClient(server.url, api_key=ADMIN_KEY) as client:
+            created = await client.upload(artifact, name="hint-async")
+            listed = [c["name"] for c in await client.list()]
+            shown = await client.get("hint-async")
+            deleted = await client.delete("hint-async")
+            try:
+                await client.get("hint-async")
+                missing = None
+            except UnlockAPIError as err:
+                missing = err.status
+            return created, listed, shown, deleted, missing
+
+    created, listed, shown, deleted, missing = asyncio.run(scenario())
+    assert created["name"] == "hint-async" and "hint-async" in listed
+    assert shown["sha256"] == created["sha256"] and deleted["deleted"] is True and missing == 404
+
+
+def unlockctl(server, *args: str) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "UNLOCK_BASE_URL": server.url,
+        "UNLOCK_API_KEY": API_KEY,
+        "UNLOCK_ADMIN_KEY": ADMIN_KEY,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "unlock_client.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_unlockctl_upload_list_show_chat_delete(server, artifact):
+    up = unlockctl(server, "upload", str(artifact), "--name", "ctl")
+    assert up.returncode == 0, up.stderr
+    assert '"name": "ctl"' in up.stdout
+    listed = unlockctl(server, "list")
+    assert listed.returncode == 0 and listed.stdout.startswith("ctl\trotate")
+    assert '"mode": "rotate"' in unlockctl(server, "show", "ctl").stdout
+
+    plain = unlockctl(server, "chat", "How many apples?", "--max-tokens", "8")
+    steered = unlockctl(server, "chat", "How many apples?", "--max-tokens", "8", "--capability", "ctl@3")
+    assert plain.returncode == 0 and steered.returncode == 0, steered.stderr
+    assert "[capabilities: ctl@3]" in steered.stderr and "[capabilities: none]" in plain.stderr
+    assert steered.stdout != plain.stdout
+    streamed = unlockctl(server, "chat", "How many apples?", "--max-tokens", "8", "-c", "ctl@3", "--stream")
+    assert streamed.stdout == steered.stdout
+
+    refused = unlockctl(server, "chat", "hi", "--capability", "nope")
+    assert (
+        refused.returncode != 0
+        and "HTTP 400" in refused.stderr
+        and "unknown capability 'nope'" in refused.stderr
+    )
+    assert unlockctl(server, "delete", "ctl").returncode == 0
+    gone = unlockctl(server, "show", "ctl")
+    assert gone.returncode != 0 and "HTTP 404" in gone.stderr
