@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
 
 from unlock._version import __version__
 from unlock.align import align, split_indices
@@ -102,9 +104,6 @@ class Extracted:
 
     @classmethod
     def load(cls, path: str | Path) -> Extracted:
-        from safetensors import SafetensorError
-        from safetensors.torch import load as load_safetensors
-
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"extracted file {str(path)!r} does not exist; write one with `unlock extract`")

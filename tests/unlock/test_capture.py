@@ -121,3 +121,38 @@ def test_nan_activations_are_refused(tiny_target_model):
         ValueError, match=r"non-finite activations .* at decoder layer 1 for prompts \[0, 1\]"
     ):
         capture_last_token(broken, PROMPTS[:2])
+
+
+def test_builtin_templates_have_the_papers_structure():
+    from unlock.templates import ANSWER_CLOSE, ANSWER_OPEN, BUILTIN_TEMPLATES, render
+
+    direct, cot = BUILTIN_TEMPLATES["direct"], BUILTIN_TEMPLATES["cot"]
+    for template in (direct, cot):
+        assert template.count("{question}") == 1 and ANSWER_OPEN in template and ANSWER_CLOSE in template
+        assert "\nQuestion: {question}\n" in template and template.endswith("\n")
+    assert direct.endswith("\nAnswer:\n") and cot.endswith("\nAnswer: Let's think step by step.\n")
+    assert render(direct, "What is {x}?").endswith(
+        "Question: What is {x}?\nAnswer:\n"
+    )  # braces stay as they are
+
+
+def test_template_files_and_chat_wrapping(tmp_path, target):
+    from unlock.capture import format_prompts
+    from unlock.templates import load_template
+
+    path = tmp_path / "mine.txt"
+    path.write_text("Q: {question}\nA:\n", encoding="utf-8")
+    assert load_template(str(path)) == "Q: {question}\nA:\n"
+    [wrapped] = format_prompts(target.tokenizer, ["2+2?"], load_template(str(path)), chat=True)
+    assert wrapped == "<|user|>\nQ: 2+2?\nA:\n\n<|assistant|>\n"  # the tiny models' chat template
+    plain = encode(target.tokenizer, wrapped, chat=False)
+    assert encode(target.tokenizer, wrapped, chat=True) == list(
+        target.tokenizer(wrapped, add_special_tokens=False).input_ids
+    )
+    assert len(plain) >= len(encode(target.tokenizer, wrapped, chat=True))
+    target.tokenizer.chat_template, saved = None, target.tokenizer.chat_template
+    try:
+        with pytest.raises(ValueError, match="has no chat template"):
+            format_prompts(target.tokenizer, ["2+2?"], "{question}", chat=True)
+    finally:
+        target.tokenizer.chat_template = saved

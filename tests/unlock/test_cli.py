@@ -235,3 +235,28 @@ def test_align_refuses_a_file_that_is_not_an_extraction(built, tmp_path, capsys,
         str(target),
     ]
     assert_refused(argv, capsys, "expected 'unlock.extracted'", target)
+
+
+def test_build_with_pca_centring_add_mode_and_dense_storage(tmp_path, tiny_source_model, tiny_target_model):
+    out = tmp_path / "pca.safetensors"
+    args = build_args(
+        tiny_source_model, tiny_target_model, out, "-n", "12", "--aggregation", "pca", "--center"
+    )
+    args += [
+        "--mode",
+        "add",
+        "--store",
+        "directions",
+        "--layers",
+        "-1",
+        "--chat-template",
+        "--holdout",
+        "0.25",
+    ]
+    assert main(["build", *args]) == 0
+    capability = Capability.load(out)
+    assert (capability.mode, capability.storage, capability.layers) == ("add", "directions", [3])
+    meta = capability.metadata
+    assert (meta["aggregation"], meta["center"], meta["chat_template"]) == ("pca", "true", "true")
+    assert (meta["n_fit"], meta["n_holdout"]) == ("9", "3") and len(capability.alignment_errors) == 1
+    assert capability.target_directions().shape == (1, 64) and capability.target_directions().norm() > 0
