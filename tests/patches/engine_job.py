@@ -116,7 +116,11 @@ def run_sync(spec: dict) -> dict:
 
 
 async def _run_async_register(spec: dict) -> dict:
-    """Register a capability while a long request runs, then steer with it; unregister one in use."""
+    """AsyncLLM (engine core in its own process): register and unregister while a request runs.
+
+    spec: "preregister" [path, sha] used by "long" (which must outlive the RPCs), "register" [path, sha]
+    used by "late", and "stale", which selects the preregistered capability after its unregistering.
+    """
     import asyncio
 
     from vllm import AsyncEngineArgs
@@ -124,34 +128,29 @@ async def _run_async_register(spec: dict) -> dict:
 
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**_engine_args(spec)))
     try:
+        started = asyncio.Event()
 
         async def generate(request_id: str, request: dict) -> dict:
+            params = _params(spec, request)
+            params.max_tokens = request.get("max_tokens", params.max_tokens)
             final = None
-            async for output in engine.generate(request["prompt"], _params(spec, request), request_id):
+            async for output in engine.generate(request["prompt"], params, request_id):
                 final = output
+                started.set()
             return _result(final)
 
-        (long_request, late_request), (path, sha) = spec["requests"], spec["register"]
-        # The long request uses a capability registered before it starts; it must survive its unregistering.
-        first = await engine.collective_rpc("unlock_register", args=tuple(spec["preregister"]))
-        running = asyncio.create_task(generate("long", long_request))
-        await asyncio.sleep(0.5)
-        registered = await engine.collective_rpc("unlock_register", args=(path, sha))
-        long_running_at_register = not running.done()
-        unregistered = await engine.collective_rpc("unlock_unregister", args=(spec["preregister"][1],))
-        status_mid = (await engine.collective_rpc("unlock_status"))[0]
-        late = await generate("late", late_request)
-        long_result = await running
-        status_end = (await engine.collective_rpc("unlock_status"))[0]
-        return {
-            "preregister": first[0],
-            "register": registered[0],
-            "unregister": unregistered[0],
-            "long_running_at_register": long_running_at_register,
-            "status_mid": status_mid,
-            "status_end": status_end,
-            "outputs": [long_result, late],
-        }
+        rpc = engine.collective_rpc
+        result: dict = {"preregister": (await rpc("unlock_register", args=tuple(spec["preregister"])))[0]}
+        long_task = asyncio.create_task(generate("long", spec["long"]))
+        await started.wait()
+        result["register"] = (await rpc("unlock_register", args=tuple(spec["register"])))[0]
+        result["unregister"] = (await rpc("unlock_unregister", args=(spec["preregister"][1],)))[0]
+        result["long_running_after_rpcs"] = not long_task.done()
+        result["late"] = await generate("late", spec["late"])
+        result["stale"] = await generate("stale", spec["stale"])
+        result["long"] = await long_task
+        result["status_end"] = (await rpc("unlock_status"))[0]
+        return result
     finally:
         engine.shutdown()
 
