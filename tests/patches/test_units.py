@@ -1,0 +1,249 @@
+"""Fast tests of the patch's parts without an engine: wire format, registry, per-step indices, block keys,
+layer discovery, and the worker RPCs' never-raise contract."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from unlock_vllm import engine_kwargs
+from unlock_vllm.prefix_cache import _with_fingerprint, steering_keys
+from unlock_vllm.registry import Registry
+from unlock_vllm.request import EXTRA_ARGS_KEY, decode_selection, encode_selection
+from unlock_vllm.state import SteeringState
+from unlock_vllm.worker import UnlockWorkerExtension
+
+SHA_A, SHA_B = "a" * 64, "b" * 64
+HIDDEN, LAYERS = 64, 4
+
+
+# -- wire format ----------------------------------------------------------------------------------
+
+
+def test_selection_round_trip_is_canonical():
+    text = encode_selection([(SHA_B, 0.5, "add"), (SHA_A, 1, "rotate")])
+    assert text == encode_selection([(SHA_A, 1.0, "rotate"), (SHA_B, 0.5, "add")])  # sorted: one fingerprint
+    assert json.loads(text) == [[SHA_A, 1.0, "rotate"], [SHA_B, 0.5, "add"]]
+    assert decode_selection(text) == [(SHA_A, 1.0, "rotate"), (SHA_B, 0.5, "add")]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("not json", "is not JSON"),
+        ('{"a": 1}', "must be a list"),
+        ('[["zz", 1.0, "add"]]', "sha256"),
+        (f'[["{SHA_A}", "x", "add"]]', "finite number"),
+        (f'[["{SHA_A}", 1.0, "spin"]]', "mode 'spin'"),
+    ],
+)
+def test_decode_refuses_malformed(text, message):
+    with pytest.raises(ValueError, match=message):
+        decode_selection(text)
+
+
+def test_encode_refuses_duplicates_and_nan():
+    with pytest.raises(ValueError, match="selected twice"):
+        encode_selection([(SHA_A, 1.0, "add"), (SHA_A, 2.0, "add")])
+    with pytest.raises(ValueError, match="finite"):
+        encode_selection([(SHA_A, float("nan"), "add")])
+
+
+def test_engine_kwargs():
+    kwargs = engine_kwargs(max_capabilities=3)
+    assert kwargs["worker_extension_cls"] == "unlock_vllm.worker.UnlockWorkerExtension"
+    assert kwargs["additional_config"]["unlock"]["max_capabilities"] == 3
+    with pytest.raises(ValueError, match="max_capabilities"):
+        engine_kwargs(max_capabilities=0)
+
+
+# -- registry -------------------------------------------------------------------------------------
+
+
+def _artifact(tmp_path, name, mode, layers, hidden=HIDDEN, seed=0):
+    from unlock import Capability, TargetInfo
+
+    directions = torch.randn(len(layers), hidden, generator=torch.Generator().manual_seed(seed))
+    cap = Capability.from_directions(
+        name, directions, layers, mode, 1.0, TargetInfo("Qwen2", LAYERS, hidden, "t")
+    )
+    path = tmp_path / f"{name}-{seed}.safetensors"
+    cap.save(path)
+    return str(path), Capability.load(path).sha256
+
+
+def test_registry_validates(tmp_path):
+    registry = Registry(capacity=2, num_layers=LAYERS, hidden_size=HIDDEN)
+    path, sha = _artifact(tmp_path, "rot", "rotate", [1, 2])
+    described = registry.register(path, sha)
+    assert described == {
+        "ok": True,
+        "error": None,
+        "sha256": sha,
+        "name": "rot",
+        "mode": "rotate",
+        "layers": [1, 2],
+    }
+    assert registry.register(path, sha)["ok"]  # idempotent
+    with pytest.raises(ValueError, match="sha256 mismatch"):
+        registry.register(_artifact(tmp_path, "x", "add", [0], seed=1)[0], "c" * 64)
+    wide_path, wide_sha = _artifact(tmp_path, "wide", "add", [0], hidden=HIDDEN * 2)
+    with pytest.raises(ValueError, match=str(HIDDEN * 2)):
+        registry.register(wide_path, wide_sha)
+    registry.register(*_artifact(tmp_path, "second", "add", [0], seed=2))
+    with pytest.raises(ValueError, match="max_capabilities"):
+        registry.register(*_artifact(tmp_path, "third", "add", [0], seed=3))
+
+
+def test_unregister_is_deferred_for_requests_using_it(tmp_path):
+    registry = Registry(capacity=4, num_layers=LAYERS, hidden_size=HIDDEN)
+    path, sha = _artifact(tmp_path, "add", "add", [0, 3])
+    registry.register(path, sha)
+    [term] = registry.terms([(sha, 0.5, "add")], "running")
+    assert term.strength == 0.5 and list(term.layers) == [0, 3]
+    assert registry.unregister(sha) == {"ok": True, "error": None, "deferred_for_requests": 1}
+    assert registry.active() == []
+    with pytest.raises(KeyError):
+        registry.terms([(sha, 0.5, "add")], "newcomer")
+    assert registry.terms([(sha, 0.5, "add")], "running")  # a preempted request recomposes on resume
+    registry.release("running")
+    assert sha not in registry.entries
+    assert registry.unregister(sha)["ok"] is False
+
+
+# -- per-step indices -----------------------------------------------------------------------------
+
+
+def _state(tmp_path, max_tokens=32):
+    registry = Registry(capacity=4, num_layers=LAYERS, hidden_size=HIDDEN)
+    caps = {
+        "rot": _artifact(tmp_path, "rot", "rotate", [1, 2]),
+        "add": _artifact(tmp_path, "add", "add", [0], seed=1),
+    }
+    for path, sha in caps.values():
+        registry.register(path, sha)
+    state = SteeringState(
+        [],
+        LAYERS,
+        HIDDEN,
+        max_num_reqs=4,
+        max_num_tokens=max_tokens,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        registry=registry,
+        runner_class="test",
+        compilation_mode="NONE",
+    )
+    return state, {k: sha for k, (_, sha) in caps.items()}
+
+
+def _request(selection):
+    extra = {EXTRA_ARGS_KEY: selection} if selection is not None else None
+    return SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra))
+
+
+def test_write_step_indices(tmp_path):
+    state, sha = _state(tmp_path)
+    requests = {
+        "plain": _request(None),
+        "add": _request(encode_selection([(sha["add"], 1.0, "add")])),
+        "rot": _request(encode_selection([(sha["rot"], 1.0, "rotate")])),  # prompt ends in this step
+        "chunk": _request(encode_selection([(sha["rot"], 2.0, "rotate")])),  # prompt goes on next step
+        "hit": _request(encode_selection([(sha["rot"], 1.0, "rotate"), (sha["add"], 1.0, "add")])),
+        "bad": _request("not json"),
+    }
+    order = list(requests)
+    # N scheduled, C computed, P prompt: "hit" resumes after a 64-token prefix-cache hit.
+    n = np.array([2, 3, 4, 5, 6, 2])
+    c = np.array([5, 0, 0, 0, 64, 0])
+    p = np.array([5, 3, 4, 9, 70, 2])
+    state.write_step(order, requests, n, c, p)
+    slots = {rid: state.slot_of[rid] for rid in order}
+    assert slots["plain"] == 0 and slots["bad"] == 0 and len({slots[r] for r in order[1:5]}) == 4
+    add = state.add_index.tolist()
+    rot = state.rot_index.tolist()
+    expected_add = [0, 0] + [slots["add"]] * 3 + [0] * 4 + [0] * 5 + [slots["hit"]] * 6 + [0, 0]
+    assert add[:22] == expected_add and not any(add[22:])
+    expected_rot = [0] * 22
+    expected_rot[2 + 3 + 3] = slots["rot"]  # Q=5, last prompt token P-1-C=3
+    expected_rot[2 + 3 + 4 + 5 + 5] = slots["hit"]  # Q=14, P-1-C=5
+    assert rot == expected_rot + [0] * 10
+    # The composed rows: `add` raw times strength at its layer; `rotate` unit-normalised.
+    assert torch.allclose(state.rot_table[1, slots["chunk"]].norm(), torch.tensor(2.0))
+    assert state.rot_map[0, slots["rot"]] == 0 and state.rot_map[1, slots["rot"]] == slots["rot"]
+    # Next step: a smaller batch leaves no stale index behind; finished requests free their slot.
+    state.free(["add"], finished=True)
+    assert not state.add_table[:, slots["add"]].any()
+    state.write_step(["chunk"], requests, np.array([4]), np.array([5]), np.array([9]))
+    assert state.rot_index.tolist()[:4] == [0, 0, 0, slots["chunk"]] and not any(state.rot_index.tolist()[4:])
+    assert not any(state.add_index.tolist())
+
+
+# -- block-hash keys ------------------------------------------------------------------------------
+
+
+def test_block_keys():
+    def request(selection, prompt_tokens=70):
+        params = SimpleNamespace(extra_args={EXTRA_ARGS_KEY: selection} if selection else None)
+        return SimpleNamespace(sampling_params=params, num_prompt_tokens=prompt_tokens)
+
+    add = encode_selection([(SHA_A, 1.0, "add")])
+    rot = encode_selection([(SHA_A, 1.0, "rotate")])
+    assert steering_keys(request(None), 32) == ()
+    assert steering_keys(request(add), 32) == steering_keys(request(add), 96) == (("unlock", add),)
+    assert steering_keys(request(rot), 64) == (("unlock", rot),)  # block ends before the last prompt token
+    assert steering_keys(request(rot), 96) == (("unlock", rot), ("unlock_last_prompt_token", 69))
+    original = _with_fingerprint(lambda r, s, e, m: ((("lora", "x", "p"),), m + 1))
+    assert original(request(add), 0, 32, 0) == ((("lora", "x", "p"), ("unlock", add)), 1)
+    assert _with_fingerprint(lambda r, s, e, m: (None, m))(request(None), 0, 32, 0) == (None, 0)
+
+
+# -- discovery ------------------------------------------------------------------------------------
+
+
+def test_find_decoder_layers_skips_pp_missing():
+    from unlock_vllm.discovery import find_decoder_layers
+    from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+    from vllm.model_executor.models.utils import PPMissingLayer
+
+    class FakeAttention(nn.Module, AttentionLayerBase):
+        def get_attn_backend(self):
+            raise NotImplementedError
+
+        def get_kv_cache_spec(self, vllm_config):
+            return None
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = FakeAttention()
+            self.heads = nn.ModuleList([FakeAttention()])  # nested list: not the decoder stack
+
+    model = nn.Module()
+    model.model = nn.Module()
+    model.model.layers = nn.ModuleList([PPMissingLayer(), Block(), Block()])
+    name, total, layers = find_decoder_layers(model)
+    assert (name, total, [i for i, _ in layers]) == ("model.layers", 3, [1, 2])
+    model.other = nn.ModuleList([Block()])
+    with pytest.raises(ValueError, match="exactly one"):
+        find_decoder_layers(model)
+
+
+# -- worker RPCs never raise ----------------------------------------------------------------------
+
+
+def test_worker_rpcs_return_errors(tmp_path):
+    state, _ = _state(tmp_path)
+    worker = UnlockWorkerExtension()
+    worker.model_runner = SimpleNamespace(unlock_state=state)
+    missing = worker.unlock_register(str(tmp_path / "nope.safetensors"), SHA_A)
+    assert missing["ok"] is False and "does not exist" in missing["error"]
+    assert worker.unlock_unregister(SHA_B)["ok"] is False
+    assert worker.unlock_status()["registered"] == sorted(state.registry.active())
+    bare = UnlockWorkerExtension()
+    bare.model_runner = SimpleNamespace()
+    assert bare.unlock_status()["ok"] is False and "engine_kwargs" in bare.unlock_status()["error"]
