@@ -130,25 +130,27 @@ def cmd_extract(args: argparse.Namespace, timer: Timer) -> None:
     print(timer.report())
 
 
-def cmd_align(args: argparse.Namespace, timer: Timer, extracted: Extracted | None = None,
-              models: ModelCache | None = None) -> None:  # fmt: skip
-    models = models or ModelCache(pick(ModelOptions, args), timer)
-    if extracted is None:
-        with timer.stage("read extracted"):
-            extracted = Extracted.load(args.extracted)
+def align_and_write(args: argparse.Namespace, extracted: Extracted, models: ModelCache) -> None:
     capability, _ = run_align(extracted, pick(AlignConfig, args), models)
-    with timer.stage("write"):
+    with models.timer.stage("write"):
         capability.save(args.output)
     print(describe(capability))
     print(f"wrote {args.output}")
-    print(timer.report())
+    print(models.timer.report())
+
+
+def cmd_align(args: argparse.Namespace, timer: Timer) -> None:
+    models = ModelCache(pick(ModelOptions, args), timer)
+    with timer.stage("read extracted"):
+        extracted = Extracted.load(args.extracted)
+    align_and_write(args, extracted, models)
 
 
 def cmd_build(args: argparse.Namespace, timer: Timer) -> None:
     models = ModelCache(pick(ModelOptions, args), timer)
     extract_config = pick(ExtractConfig, args)
-    check_build(extract_config, pick(AlignConfig, args), models)
-    cmd_align(args, timer, run_extract(extract_config, models), models)
+    check_build(extract_config, pick(AlignConfig, args), models)  # bad input fails before any capture
+    align_and_write(args, run_extract(extract_config, models), models)
 
 
 def describe(capability: Capability) -> str:

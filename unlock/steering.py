@@ -81,22 +81,17 @@ class SteeringHooks:
                 return None
             stream = stream_of(output)  # [B, T, d]
             b, t, d = stream.shape
-            add_index = (
-                self._add_index * self._add_live[layer][self._add_index]
-            )  # [B, T], 0 where row is zero
-            rot_index = self._rot_index * self._rot_live[layer][self._rot_index]
-            steered = steer_rows(
-                stream.reshape(b * t, d), self._add[layer], self._rot[layer], add_index, rot_index
-            )
-            steered = steered.reshape(b, t, d)
+            # Tokens whose row is zero at this layer point at row 0, so they come back bit-identical.
+            add_index = self._add_index * self._add_live[layer][self._add_index]  # [B, T]
+            rot_index = self._rot_index * self._rot_live[layer][self._rot_index]  # [B, T]
+            flat = stream.reshape(b * t, d)
+            flat = steer_hidden(
+                flat, None, self._add[layer], self._rot[layer], add_index.reshape(-1), rot_index.reshape(-1)
+            )  # HF's layer output is the whole stream: residual=None
+            steered = flat.reshape(b, t, d)
             return (steered, *output[1:]) if isinstance(output, tuple) else steered
 
         return hook
-
-
-def steer_rows(flat, add_table, rot_table, add_index, rot_index) -> torch.Tensor:
-    """``unlock.ops.steer_hidden`` on HF's stream (``residual=None``), indices flattened to the tokens."""
-    return steer_hidden(flat, None, add_table, rot_table, add_index.reshape(-1), rot_index.reshape(-1))
 
 
 def eos_ids_of(model: nn.Module, tokenizer) -> set[int]:
