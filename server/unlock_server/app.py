@@ -13,6 +13,7 @@ from starlette.routing import BaseRoute
 
 from .engine import Workers
 from .errors import APIError
+from .limits import ConcurrencyLimitMiddleware
 from .metrics import Metrics
 from .middleware import AuthMiddleware, SelectionMiddleware
 from .registry import Registry
@@ -83,8 +84,10 @@ async def create_app(
 
     app.router.lifespan_context = lifespan
     # vLLM's build_app already built the middleware stack; drop it so Starlette rebuilds it with ours on the
-    # first request. Added last = outermost: auth runs before the body is read or rewritten.
+    # first request. Added last = outermost: auth runs before the body is read or rewritten, and the
+    # concurrency limit answers 429 before a body is read.
     app.middleware_stack = None
     app.add_middleware(SelectionMiddleware, service=service)
+    app.add_middleware(ConcurrencyLimitMiddleware, limit=settings.max_concurrent_requests)
     app.add_middleware(AuthMiddleware, settings=settings)
     return app

@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="largest capability upload accepted (env UNLOCK_MAX_UPLOAD_BYTES)",
     )
+    ours.add_argument(
+        "--max-concurrent-requests",
+        type=int,
+        default=None,
+        help="generation requests in flight beyond this get 429 at once "
+        "(env UNLOCK_MAX_CONCURRENT_REQUESTS); default: no limit",
+    )
     return parser
 
 
@@ -67,6 +74,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "admin_key": args.admin_key,
         "capabilities_dir": args.capabilities_dir,
         "max_upload_bytes": args.max_upload_bytes,
+        "max_concurrent_requests": args.max_concurrent_requests,
     }
     settings = Settings(**{k: v for k, v in flags.items() if v is not None})
     # Auth is ours (401 vs 403, every route but /health and /metrics); vLLM's would answer 401 for both.

@@ -11,6 +11,7 @@ _TYPES = {
     404: "NotFoundError",
     409: "ConflictError",
     413: "RequestTooLargeError",
+    429: "RateLimitError",
     500: "InternalServerError",
     503: "ServiceUnavailableError",
 }

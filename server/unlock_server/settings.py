@@ -35,17 +35,19 @@ class Settings(BaseSettings):
     # Per-request strengths outside [-max_strength, max_strength] are refused: a typo like 15 instead of
     # 0.15 would otherwise wreck the output without any error.
     max_strength: float = 10.0
+    # Generation requests in flight beyond this are answered 429 at once (None: no limit).
+    max_concurrent_requests: int | None = None
 
     @field_validator("api_key", "admin_key")
     @classmethod
     def _blank_is_unset(cls, value: str | None) -> str | None:
         return value or None
 
-    @field_validator("max_upload_bytes")
+    @field_validator("max_upload_bytes", "max_concurrent_requests")
     @classmethod
-    def _positive(cls, value: int) -> int:
-        if value <= 0:
-            raise ValueError(f"max_upload_bytes must be positive, got {value}")
+    def _positive(cls, value: float | None, info) -> float | None:
+        if value is not None and value <= 0:
+            raise ValueError(f"{info.field_name} must be positive, got {value}")
         return value
 
     @property
