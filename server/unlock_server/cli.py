@@ -61,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="generation requests in flight beyond this get 429 at once "
         "(env UNLOCK_MAX_CONCURRENT_REQUESTS); default: no limit",
     )
+    ours.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=None,
+        help="seconds in-flight requests may take to finish after SIGTERM "
+        "(env UNLOCK_DRAIN_TIMEOUT); default 30",
+    )
     return parser
 
 
@@ -75,6 +82,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "capabilities_dir": args.capabilities_dir,
         "max_upload_bytes": args.max_upload_bytes,
         "max_concurrent_requests": args.max_concurrent_requests,
+        "drain_timeout": args.drain_timeout,
     }
     settings = Settings(**{k: v for k, v in flags.items() if v is not None})
     # Auth is ours (401 vs 403, every route but /health and /metrics); vLLM's would answer 401 for both.

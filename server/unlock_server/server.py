@@ -52,6 +52,9 @@ async def serve(args: Namespace, settings: Settings, on_start: Any = None) -> No
             port=args.port,
             log_level=args.uvicorn_log_level,
             timeout_keep_alive=5,
+            # SIGTERM: uvicorn closes the listening socket (new requests are refused) and waits this long
+            # for requests in flight before cancelling them.
+            timeout_graceful_shutdown=settings.drain_timeout,
         )
         logger.info(
             "unlock-serve on http://%s:%d (model %s, capabilities in %s)",

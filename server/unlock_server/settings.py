@@ -37,13 +37,15 @@ class Settings(BaseSettings):
     max_strength: float = 10.0
     # Generation requests in flight beyond this are answered 429 at once (None: no limit).
     max_concurrent_requests: int | None = None
+    # On SIGTERM: stop accepting, let in-flight requests finish for up to this long, then cancel them.
+    drain_timeout: float = 30.0
 
     @field_validator("api_key", "admin_key")
     @classmethod
     def _blank_is_unset(cls, value: str | None) -> str | None:
         return value or None
 
-    @field_validator("max_upload_bytes", "max_concurrent_requests")
+    @field_validator("max_upload_bytes", "max_concurrent_requests", "drain_timeout")
     @classmethod
     def _positive(cls, value: float | None, info) -> float | None:
         if value is not None and value <= 0:
