@@ -30,7 +30,9 @@ class SteeringTerm:
     directions: torch.Tensor  # [len(layers), hidden]
 
 
-def compose_rows(terms: Sequence[SteeringTerm], num_layers: int, hidden_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def compose_rows(
+    terms: Sequence[SteeringTerm], num_layers: int, hidden_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum a request's capabilities into one ``add`` row and one ``rotate`` row per layer.
 
     Returns (add_rows, rot_rows), each float32 [num_layers, hidden_size]; layers a capability does not
@@ -47,7 +49,7 @@ def compose_rows(terms: Sequence[SteeringTerm], num_layers: int, hidden_size: in
             rows = rot_rows
         else:
             rows = add_rows
-        for row, layer in zip(dirs, term.layers):
+        for row, layer in zip(dirs, term.layers, strict=True):
             rows[layer] += term.strength * row
     return add_rows, rot_rows
 
@@ -66,17 +68,19 @@ def steer_hidden(
     separately; pass residual=None when ``hidden`` already is the stream, as in HF models).
     add_table, rot_table: [R, d] with row 0 zero. add_index, rot_index: int64 [>= T], sliced to T here so
     the caller can keep them preallocated at a fixed address. Unsteered tokens come back bit-identical:
-    adding the zero row is exact and rotation is selected with ``where``, never recomputed.
+    both edits are selected with ``where`` (adding a zero row would turn -0.0 into +0.0).
     Pure tensor ops, no Python branch on data: safe under torch.compile and CUDA-graph capture.
     """
     num_tokens = hidden.shape[0]
     add_rows = add_table[add_index[:num_tokens]].to(hidden.dtype)  # [T, d]
     rot_rows = rot_table[rot_index[:num_tokens]]  # [T, d]
-    hidden = hidden + add_rows
+    hidden = torch.where((add_index[:num_tokens] > 0).unsqueeze(-1), hidden + add_rows, hidden)
     stream = hidden.float() if residual is None else (hidden + residual).float()
     norm = stream.norm(dim=-1, keepdim=True)  # [T, 1]
     direction = stream / norm.clamp_min(1e-30) + rot_rows.float()
     rotated = norm * direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-    rotated_hidden = rotated.to(hidden.dtype) if residual is None else (rotated - residual.float()).to(hidden.dtype)
+    if residual is not None:
+        rotated = rotated - residual.float()
+    rotated_hidden = rotated.to(hidden.dtype)
     steered = (rot_index[:num_tokens] > 0).unsqueeze(-1)  # [T, 1]
     return torch.where(steered, rotated_hidden, hidden)
