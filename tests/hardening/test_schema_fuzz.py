@@ -1,0 +1,68 @@
+"""schemathesis against the server's own OpenAPI schema (every route it publishes, bounded examples):
+no response is a 5xx, and the server is alive and steering correctly afterwards."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from hardening_harness import assert_registry_consistent, complete, tiny_server, upload
+from serve_harness import capability_bytes
+
+FUZZED = capability_bytes("fuzzed", seed=41, strength=3.0)
+# Bounded: a few examples per operation, one worker, a hard time budget (the CI box has 2 cores).
+SCHEMATHESIS_FLAGS = [
+    "--checks", "not_a_server_error",
+    "--phases", "examples,coverage,fuzzing",
+    "--max-examples", "6",
+    "--seed", "20261127",
+    "--workers", "1",
+    "--max-time", "150",
+    "--request-timeout", "120",
+    "--generation-database", "none",
+    "--suppress-health-check", "all",
+    "--no-color",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("schema-fuzz")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_target_model, workdir):
+    # max-model-len bounds what a fuzzed max_tokens can cost.
+    proc = tiny_server(tiny_target_model, workdir / "registry", workdir / "server.log").start()
+    assert upload(proc.url, FUZZED).status_code == 201
+    yield proc
+    proc.stop()
+
+
+def test_no_server_errors_from_the_openapi_schema(server, workdir):
+    before = complete(server.url, capabilities=["fuzzed"])
+    assert before.status_code == 200, before.text
+    schemathesis = Path(sys.executable).with_name("schemathesis")
+    assert schemathesis.exists(), f"{schemathesis} is missing: pip install -e '.[test]'"
+    run = subprocess.run(
+        [str(schemathesis), "run", f"{server.url}/openapi.json", *SCHEMATHESIS_FLAGS],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    (workdir / "schemathesis.txt").write_text(run.stdout + run.stderr)
+    assert run.returncode == 0, f"schemathesis found failures:\n{run.stdout[-12000:]}\n{run.stderr[-3000:]}"
+    assert "test cases" in run.stdout, run.stdout  # it really generated and sent cases
+
+    assert server.proc.poll() is None, f"the server died:\n{server.log()[-8000:]}"
+    assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
+    assert_registry_consistent(workdir / "registry")
+    # Fuzzed uploads or deletes may have changed the registry; re-register and compare steering.
+    if "fuzzed" not in assert_registry_consistent(workdir / "registry"):
+        assert upload(server.url, FUZZED).status_code == 201
+    after = complete(server.url, capabilities=["fuzzed"])
+    assert after.status_code == 200, after.text
+    assert after.json()["choices"][0]["text"] == before.json()["choices"][0]["text"]
