@@ -75,6 +75,15 @@ def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> byt
     return len(text).to_bytes(8, "little") + text + b"".join(chunks)
 
 
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    # A key given twice would be read one way here and possibly another by the safetensors parser.
+    keys = [k for k, _ in pairs]
+    duplicates = sorted({k for k in keys if keys.count(k) > 1})
+    if duplicates:
+        raise ArtifactError(f"not a capability file: the safetensors header repeats the keys {duplicates}")
+    return dict(pairs)
+
+
 def read_header_metadata(data: bytes) -> dict[str, str]:
     if len(data) < 8:
         raise ArtifactError(f"not a capability file: {len(data)} bytes, too short for a safetensors header")
@@ -84,8 +93,9 @@ def read_header_metadata(data: bytes) -> dict[str, str]:
             f"truncated capability file: header says {size} bytes, the file has {len(data) - 8}"
         )
     try:
-        header = json.loads(data[8 : 8 + size])
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = json.loads(data[8 : 8 + size], object_pairs_hook=_unique_keys)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        # RecursionError: a header of deeply nested brackets, which must be a 400 in the server, not a crash.
         raise ArtifactError("not a capability file: the safetensors header is not valid JSON") from None
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
