@@ -22,6 +22,11 @@ from .settings import Settings
 logger = logging.getLogger(__name__)
 
 INFERENCE_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
+# vLLM's other routes that take `vllm_xargs`: no steering there, and the wire selection may not be smuggled in
+# (it would skip the strength limit and the in-flight tracking that keeps a deleted capability registered).
+UNSTEERED_ROUTES = frozenset(
+    {"/invocations", "/v1/chat/completions/batch", "/v1/responses", "/v1/messages", "/generative_scoring"}
+)
 HEADER = b"x-unlock-capabilities"
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -92,7 +97,11 @@ class SelectionMiddleware:
         self.service = service
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in INFERENCE_ROUTES:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        if scope["path"] in UNSTEERED_ROUTES:
+            return await self._unsteered(scope, receive, send)
+        if scope["path"] not in INFERENCE_ROUTES:
             return await self.app(scope, receive, send)
         body = await _read_body(receive)
         try:
@@ -117,6 +126,25 @@ class SelectionMiddleware:
             label or "none",
         )
         await self._forward(scope, receive, send, body, applied, label)
+
+    async def _unsteered(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = await _read_body(receive)
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            payload = None
+        payload = payload if isinstance(payload, dict) else {}
+        xargs = payload.get("vllm_xargs")
+        if PARAM in payload or (isinstance(xargs, dict) and XARGS_KEY in xargs):
+            self.service.metrics.refusals.inc()
+            error = APIError(
+                400,
+                f"{scope['path']} does not apply capabilities; send 'capabilities' to "
+                "/v1/chat/completions or /v1/completions",
+                param=PARAM,
+            )
+            return await error.response()(scope, receive, send)
+        await self._forward(scope, receive, send, body, [], "")
 
     def _rewrite(self, payload: dict[str, Any]) -> list[Applied]:
         """Mutates `payload`: drops `capabilities`, strips the model suffix, adds the wire selection."""
