@@ -137,16 +137,19 @@ class CapabilityService:
         self, chunks: AsyncIterator[bytes], name: str | None, replace: bool
     ) -> tuple[dict, bool]:
         """Stage, validate, register on the workers, then publish. Returns (JSON, whether it changed)."""
-        if name is not None:
-            check_name(name)
-        staged = await self.registry.stage(chunks, self.max_upload_bytes)
+        staged = None
         try:
+            if name is not None:
+                check_name(name)
+            staged = await self.registry.stage(chunks, self.max_upload_bytes)
             return await self._admit(staged, name, replace)
         except APIError:
+            # Every refusal counts, bad names and oversized bodies included.
             self.metrics.uploads.labels("rejected").inc()
             raise
         finally:
-            staged.path.unlink(missing_ok=True)
+            if staged is not None:
+                staged.path.unlink(missing_ok=True)
 
     async def _admit(self, staged: Staged, name: str | None, replace: bool) -> tuple[dict, bool]:
         capability = _validate(staged.path.read_bytes(), self.shape)
