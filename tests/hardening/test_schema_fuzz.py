@@ -3,13 +3,20 @@ no response is a 5xx, and the server is alive and steering correctly afterwards.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import httpx
 import pytest
-from hardening_harness import assert_registry_consistent, complete, tiny_server, upload
+from hardening_harness import (
+    assert_openai_error,
+    assert_registry_consistent,
+    complete,
+    tiny_server,
+    upload,
+)
 from serve_harness import capability_bytes
 
 FUZZED = capability_bytes("fuzzed", seed=41, strength=3.0)
@@ -66,3 +73,28 @@ def test_no_server_errors_from_the_openapi_schema(server, workdir):
     after = complete(server.url, capabilities=["fuzzed"])
     assert after.status_code == 200, after.text
     assert after.json()["choices"][0]["text"] == before.json()["choices"][0]["text"]
+
+
+SMUGGLE_ROUTES = [
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/invocations",
+    "/v1/chat/completions/batch",
+    "/v1/responses",
+    "/v1/messages",
+]
+
+
+@pytest.mark.parametrize("path", SMUGGLE_ROUTES)
+def test_wire_selection_cannot_be_smuggled_past_validation(server, path):
+    """A hand-made `vllm_xargs.unlock` (here: strength 1e6, far past the limit) is refused on every route
+    that would hand it to the engine, not only on the two that apply capabilities."""
+    sha = httpx.get(f"{server.url}/v1/capabilities/fuzzed", timeout=30).json()["sha256"]
+    wire = json.dumps([[sha, 1e6, "rotate"]])
+    body = {"model": "tiny", "prompt": "hi", "messages": [{"role": "user", "content": "hi"}], "input": "hi",
+            "max_tokens": 4, "vllm_xargs": {"unlock": wire}}  # fmt: skip
+    assert_openai_error(httpx.post(f"{server.url}{path}", json=body, timeout=60), 400)
+    with_field = {k: v for k, v in body.items() if k != "vllm_xargs"} | {"capabilities": ["fuzzed"]}
+    if path not in ("/v1/completions", "/v1/chat/completions"):
+        refused = httpx.post(f"{server.url}{path}", json=with_field, timeout=60)
+        assert_openai_error(refused, 400, "does not apply capabilities")
