@@ -99,6 +99,7 @@ class SteeringState:
         ]
         self.wrapped_layers = len(self.handles)
         self.steered_tokens = 0  # tokens that got a non-zero row: proof that steering ran
+        self.preempted_slots = 0  # slots freed by preemption (the request recomposes on resume)
 
     def remove(self) -> None:
         """Take the hooks off the model (reversible install)."""
@@ -119,6 +120,7 @@ class SteeringState:
                 self.rot_map[:, slot] = 0
                 self.has_add[slot] = self.has_rot[slot] = False
                 self.free_slots.append(slot)
+                self.preempted_slots += not finished
             if finished:
                 self.registry.release(req_id)
 
@@ -197,4 +199,5 @@ class SteeringState:
             "capacity": self.registry.capacity,
             "slots_in_use": sum(1 for s in self.slot_of.values() if s),
             "steered_tokens": self.steered_tokens,
+            "preempted_slots": self.preempted_slots,
         }

@@ -20,7 +20,6 @@ import sys
 
 def _setup_env(spec: dict) -> None:
     os.environ["VLLM_TARGET_DEVICE"] = "cpu"
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     # A fresh compile cache per job, so a cached graph of another configuration can never be loaded.
     os.environ["VLLM_CACHE_ROOT"] = spec["cache_root"]
     if not spec["plugin"]:
@@ -34,12 +33,12 @@ def _engine_args(spec: dict) -> dict:
         model=spec["model"],
         dtype="float32",
         seed=0,
-        max_model_len=1024,
+        max_model_len=spec.get("max_model_len", 1024),
         max_num_seqs=16,
         enforce_eager=spec["eager"],
         enable_prefix_caching=spec.get("prefix_caching", False),
         block_size=32,  # the CPU backend's smallest; short prompts then fill whole (cacheable) blocks
-        kv_cache_memory_bytes=64 * 2**20,
+        kv_cache_memory_bytes=spec.get("kv_cache_bytes", 64 * 2**20),
     )
     if spec.get("max_num_batched_tokens"):
         args["max_num_batched_tokens"] = spec["max_num_batched_tokens"]
