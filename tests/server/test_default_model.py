@@ -1,8 +1,10 @@
 """The README's serve command: `.venv/bin/unlock-serve` with no `--model` serves the embedded
 SmolLM2-135M-Instruct with the demo `cot` capability registered; a steered request works at once.
 
-Slow on purpose (GGUF conversion, the demo capability build and vLLM's default compiled mode, all on CPU):
-it is the one test of exactly what a newcomer runs. SIGTERM then shuts the engine down with its children."""
+Slow on purpose (GGUF conversion and the demo capability build on CPU): it is the one test of what a newcomer
+runs. The one difference is `--enforce-eager`: vLLM's default torch.compile of the 30-layer model adds 5-10
+minutes on a 2-core machine and is covered by the plugin's own compiled tests. SIGTERM then shuts the engine
+down with its children."""
 
 from __future__ import annotations
 
