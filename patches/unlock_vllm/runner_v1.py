@@ -26,7 +26,12 @@ _WRAPPED = "__unlock_wrapped__"
 
 
 def _wrap(cls: type, name: str, make: Any) -> None:
-    original = cls.__dict__[name]
+    original = cls.__dict__.get(name)
+    if original is None:
+        raise RuntimeError(
+            f"unlock: {cls.__module__}.{cls.__qualname__}.{name} does not exist in this vLLM version; "
+            f"the steering patch is wired against vLLM 0.32/0.33's V1 model runner"
+        )
     if getattr(original, _WRAPPED, False):
         return  # idempotent: the plugin may be loaded more than once per process
     wrapper = functools.wraps(original)(make(original))
@@ -98,8 +103,9 @@ def _update_states(original):
         state = getattr(self, STATE_ATTR, None)
         if state is not None:
             state.free(scheduler_output.finished_req_ids, finished=True)
-            preempted = scheduler_output.preempted_req_ids or set()
-            state.free(preempted | scheduler_output.scheduled_cached_reqs.resumed_req_ids, finished=False)
+            preempted = getattr(scheduler_output, "preempted_req_ids", None) or set()
+            resumed = getattr(scheduler_output.scheduled_cached_reqs, "resumed_req_ids", None) or set()
+            state.free(preempted | resumed, finished=False)
         return original(self, scheduler_output, *args, **kwargs)
 
     return update_states
