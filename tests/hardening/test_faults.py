@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 from hardening_harness import (
+    PROMPT,
     assert_openai_error,
     assert_registry_consistent,
     complete,
@@ -23,7 +24,8 @@ from serve_harness import capability_bytes
 KEEP = capability_bytes("keep", seed=31, strength=3.0)
 PARTIAL = capability_bytes("partial", seed=32, strength=3.0)
 VICTIM = capability_bytes("victim", seed=33, strength=3.0)
-LONG = {"max_tokens": 200, "ignore_eos": True}
+# Long enough that concurrent requests overlap even on a loaded machine (max-model-len is 512).
+LONG = {"max_tokens": 400, "ignore_eos": True}
 DEADLINE_S = 300  # for polls of state that must come; a hang guard, not a timing assertion
 
 
@@ -57,10 +59,19 @@ def kill_hard(server) -> None:
     server.proc.wait(timeout=60)
 
 
-def running_requests(server) -> float:
-    text = httpx.get(f"{server.url}/metrics", timeout=30).text
-    rows = [r for r in text.splitlines() if r.startswith("vllm:num_requests_running")]
-    return sum(float(r.split()[-1]) for r in rows)
+def in_flight(server, name: str) -> int:
+    """The server's own count of requests using `name`, from arrival to the last byte of the response."""
+    return httpx.get(f"{server.url}/v1/capabilities/{name}", timeout=30).json()["in_flight"]
+
+
+def concurrent_long(server, name: str, n: int) -> list[tuple[threading.Thread, list]]:
+    """`n` long requests steered by `name` through one shared client (a new client per thread costs enough
+    to stagger their starts), once all `n` are in flight."""
+    client = httpx.Client(base_url=server.url, timeout=DEADLINE_S)
+    body = {"model": "tiny", "prompt": PROMPT, "temperature": 0, "capabilities": [name], **LONG}
+    runs = [in_background(lambda: client.post("/v1/completions", json=body)) for _ in range(n)]
+    wait_for(lambda: in_flight(server, name) == n, f"{n} requests using {name!r} in flight")
+    return runs
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +125,7 @@ def test_sigkill_during_upload_leaves_nothing_partial(server, workdir, steered_b
 
 def test_sigkill_during_generation_then_restart(server, workdir, steered_before):
     registry = workdir / "registry"
-    thread, out = in_background(lambda: complete(server.url, capabilities=["keep"], **LONG))
-    wait_for(lambda: running_requests(server) > 0, "the generation to be running")
+    [(thread, out)] = concurrent_long(server, "keep", 1)
     kill_hard(server)
     thread.join(DEADLINE_S)
     assert isinstance(out[0], httpx.HTTPError), f"the generation cannot have finished: {out[0]!r}"
@@ -141,10 +151,8 @@ def test_delete_while_in_use_finishes_those_requests(server, workdir):
     reference = complete(server.url, capabilities=["victim"], **LONG)
     assert reference.status_code == 200, reference.text
 
-    runs = [in_background(lambda: complete(server.url, capabilities=["victim"], **LONG)) for _ in range(3)]
-    show = f"{server.url}/v1/capabilities/victim"
-    wait_for(lambda: httpx.get(show, timeout=30).json()["in_flight"] == 3, "3 requests in flight")
-    deleted = httpx.delete(show, timeout=60)
+    runs = concurrent_long(server, "victim", 3)
+    deleted = httpx.delete(f"{server.url}/v1/capabilities/victim", timeout=60)
     assert deleted.status_code == 200, deleted.text
     assert_openai_error(complete(server.url, capabilities=["victim"]), 400, "unknown capability")
     assert sha in registered_on_workers(server), "unregistered while requests still use it"
@@ -163,8 +171,7 @@ def test_sigterm_drains_in_flight_and_refuses_new(server, workdir):
     """Last in this module: it stops the server."""
     expected = complete(server.url, capabilities=["keep"], **LONG)
     assert expected.status_code == 200, expected.text
-    runs = [in_background(lambda: complete(server.url, capabilities=["keep"], **LONG)) for _ in range(2)]
-    wait_for(lambda: running_requests(server) >= 2, "2 generations running")
+    runs = concurrent_long(server, "keep", 2)
     url = server.url
     server.proc.send_signal(signal.SIGTERM)
 
