@@ -20,11 +20,12 @@ from hardening_harness import (
 from serve_harness import capability_bytes
 
 FUZZED = capability_bytes("fuzzed", seed=41, strength=3.0)
-# Bounded: a few examples per operation, one worker, a hard time budget (the CI box has 2 cores).
+# Bounded: 10 generated cases per operation (valid and invalid), one worker, a hard time budget (the CI box
+# has 2 cores). The coverage phase (thousands of boundary cases) is run by hand, see docs/HARDENING.md.
 SCHEMATHESIS_FLAGS = [
     "--checks", "not_a_server_error",
-    "--phases", "examples,coverage,fuzzing",
-    "--max-examples", "6",
+    "--phases", "examples,fuzzing",
+    "--max-examples", "10",
     "--seed", "20261127",
     "--workers", "1",
     "--max-time", "150",
@@ -42,8 +43,9 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_target_model, workdir):
-    # max-model-len bounds what a fuzzed max_tokens can cost.
-    proc = tiny_server(tiny_target_model, workdir / "registry", workdir / "server.log").start()
+    # A short context bounds what a request without max_tokens costs (fuzzed bodies rarely set it).
+    registry, log = workdir / "registry", workdir / "server.log"
+    proc = tiny_server(tiny_target_model, registry, log, "--max-model-len", "96").start()
     assert upload(proc.url, FUZZED).status_code == 201
     yield proc
     proc.stop()
@@ -62,7 +64,8 @@ def test_no_server_errors_from_the_openapi_schema(server, workdir):
     )
     (workdir / "schemathesis.txt").write_text(run.stdout + run.stderr)
     assert run.returncode == 0, f"schemathesis found failures:\n{run.stdout[-12000:]}\n{run.stderr[-3000:]}"
-    assert "test cases" in run.stdout, run.stdout  # it really generated and sent cases
+    # It really generated cases for every operation the schema publishes.
+    assert "Tested: 27" in run.stdout and " generated, " in run.stdout, run.stdout
 
     assert server.proc.poll() is None, f"the server died:\n{server.log()[-8000:]}"
     assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
