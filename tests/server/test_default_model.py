@@ -29,7 +29,7 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("default-model")
     command = [str(Path(sys.executable).parent / "unlock-serve")]  # the console script the README runs
     proc = ServerProcess(
-        [], tmp / "server.log", env={"UNLOCK_CACHE_DIR": str(tmp / "cache")}, command=command
+        ["--enforce-eager"], tmp / "server.log", env={"UNLOCK_CACHE_DIR": str(tmp / "cache")}, command=command
     )
     yield proc.start()
     proc.stop()
