@@ -33,6 +33,9 @@ SCHEMATHESIS_FLAGS = [
     "--generation-database", "none",
     "--suppress-health-check", "all",
     "--no-color",
+    # vLLM's structured-decisions route answers a documented 501 for models without that feature (this one);
+    # test_not_implemented_route_says_so checks that answer instead.
+    "--exclude-path", "/v1/systemone",
 ]  # fmt: skip
 
 
@@ -65,7 +68,7 @@ def test_no_server_errors_from_the_openapi_schema(server, workdir):
     (workdir / "schemathesis.txt").write_text(run.stdout + run.stderr)
     assert run.returncode == 0, f"schemathesis found failures:\n{run.stdout[-12000:]}\n{run.stderr[-3000:]}"
     # It really generated cases for every operation the schema publishes.
-    assert "Tested: 27" in run.stdout and " generated, " in run.stdout, run.stdout
+    assert "Tested: 26" in run.stdout and " generated, " in run.stdout, run.stdout
 
     assert server.proc.poll() is None, f"the server died:\n{server.log()[-8000:]}"
     assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
@@ -76,6 +79,12 @@ def test_no_server_errors_from_the_openapi_schema(server, workdir):
     after = complete(server.url, capabilities=["fuzzed"])
     assert after.status_code == 200, after.text
     assert after.json()["choices"][0]["text"] == before.json()["choices"][0]["text"]
+
+
+def test_not_implemented_route_says_so(server):
+    response = httpx.post(f"{server.url}/v1/systemone", json={"questions": {}, "state": None}, timeout=60)
+    assert_openai_error(response, 501, "does not support")
+    assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
 
 
 SMUGGLE_ROUTES = [
