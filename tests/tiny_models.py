@@ -18,7 +18,8 @@ CORPUS = [
     "Reason step by step before giving the final answer.",
     "A train travels 60 miles in 2 hours. What is its speed in miles per hour?",
     "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat.",
-    "Mary had a little lamb whose fleece was white as snow, and everywhere that Mary went the lamb was sure to go.",
+    "Mary had a little lamb whose fleece was white as snow, "
+    "and everywhere that Mary went the lamb was sure to go.",
     "There are 12 eggs in a dozen. If Sara uses 4 eggs, how many are left? 12 - 4 = 8.",
     "The final answer is 42. The sum of 17 and 25 equals 42.",
     "user assistant system hello world numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000",
