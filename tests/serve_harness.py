@@ -100,6 +100,16 @@ class ServerProcess:
             return self.proc.wait(timeout=30)
 
 
+def tiny_server(
+    model: Path, registry_dir: Path, log_path: Path, *extra: str, env: dict[str, str] | None = None
+) -> ServerProcess:
+    """An unstarted `unlock-serve` for the tiny model, served as "tiny", its registry in `registry_dir`."""
+    args = ["--model", str(model), "--served-model-name", "tiny", *TINY_ENGINE_FLAGS,
+            "--capabilities-dir", str(registry_dir), *extra]  # fmt: skip
+    env = {"UNLOCK_CACHE_DIR": str(log_path.parent / "cache"), **(env or {})}
+    return ServerProcess(args, log_path, env=env)
+
+
 def capability_bytes(
     name: str,
     seed: int = 0,

@@ -9,7 +9,7 @@ import sys
 
 import openai
 import pytest
-from serve_harness import TINY_ENGINE_FLAGS, ServerProcess, capability_bytes
+from serve_harness import capability_bytes, tiny_server
 from unlock_client import (
     AsyncUnlockClient,
     UnlockAPIError,
@@ -26,20 +26,8 @@ PROMPT = "Question: Tom has 3 apples and buys 5 more. How many apples does he ha
 @pytest.fixture(scope="module")
 def server(tiny_target_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("clients")
-    args = [
-        "--model",
-        str(tiny_target_model),
-        "--served-model-name",
-        "tiny",
-        *TINY_ENGINE_FLAGS,
-        "--api-key",
-        API_KEY,
-        "--admin-key",
-        ADMIN_KEY,
-        "--capabilities-dir",
-        str(tmp / "registry"),
-    ]
-    proc = ServerProcess(args, tmp / "server.log", env={"UNLOCK_CACHE_DIR": str(tmp / "cache")}).start()
+    keys = ("--api-key", API_KEY, "--admin-key", ADMIN_KEY)
+    proc = tiny_server(tiny_target_model, tmp / "registry", tmp / "server.log", *keys).start()
     yield proc
     proc.stop()
 

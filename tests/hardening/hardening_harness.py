@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 
 import httpx
-from serve_harness import TINY_ENGINE_FLAGS, ServerProcess
+import serve_harness
+from serve_harness import ServerProcess
 
 UPLOAD_LIMIT = 1 << 20
 PROMPT = "Question: A train travels 60 miles in 2 hours. What is its speed?\nAnswer:"
@@ -18,9 +19,8 @@ PROMPT = "Question: A train travels 60 miles in 2 hours. What is its speed?\nAns
 
 def tiny_server(model: Path, registry_dir: Path, log_path: Path, *extra: str) -> ServerProcess:
     """An open (no keys) tiny server on `registry_dir`; not started."""
-    args = ["--model", str(model), "--served-model-name", "tiny", *TINY_ENGINE_FLAGS, "--capabilities-dir",
-            str(registry_dir), "--max-upload-bytes", str(UPLOAD_LIMIT), *extra]  # fmt: skip
-    return ServerProcess(args, log_path, env={"UNLOCK_CACHE_DIR": str(log_path.parent / "cache")})
+    limit = ("--max-upload-bytes", str(UPLOAD_LIMIT))
+    return serve_harness.tiny_server(model, registry_dir, log_path, *limit, *extra)
 
 
 def complete(url: str, timeout: float = 120, **body) -> httpx.Response:

@@ -7,7 +7,7 @@ import json
 
 import httpx
 import pytest
-from serve_harness import TINY_ENGINE_FLAGS, ServerProcess, capability_bytes, with_nan
+from serve_harness import ServerProcess, capability_bytes, tiny_server, with_nan
 
 API_KEY, ADMIN_KEY = "cap-api-key", "cap-admin-key"
 MAX_UPLOAD = 16 * 1024
@@ -24,10 +24,8 @@ def registry_dir(tmp_path_factory):
 
 
 def start_server(model, registry_dir, log_path) -> ServerProcess:
-    args = ["--model", str(model), "--served-model-name", "tiny", *TINY_ENGINE_FLAGS,
-            "--capabilities-dir", str(registry_dir), "--max-upload-bytes", str(MAX_UPLOAD)]  # fmt: skip
-    env = {"UNLOCK_API_KEY": API_KEY, "UNLOCK_ADMIN_KEY": ADMIN_KEY, "UNLOCK_CACHE_DIR": str(log_path.parent)}
-    return ServerProcess(args, log_path, env=env).start()
+    keys = {"UNLOCK_API_KEY": API_KEY, "UNLOCK_ADMIN_KEY": ADMIN_KEY}
+    return tiny_server(model, registry_dir, log_path, "--max-upload-bytes", str(MAX_UPLOAD), env=keys).start()
 
 
 @pytest.fixture(scope="module")

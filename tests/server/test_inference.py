@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from serve_harness import TINY_ENGINE_FLAGS, ServerProcess, capability_bytes
+from serve_harness import capability_bytes, tiny_server
 
 API_KEY, ADMIN_KEY = "test-api-key", "test-admin-key"
 PROMPT = "Question: Tom has 3 apples and buys 5 more. How many apples does he have now?\nAnswer:"
@@ -17,20 +17,8 @@ COT_STRENGTH = 3.0  # rotate: large enough to flip greedy choices of the peaked 
 @pytest.fixture(scope="module")
 def server(tiny_target_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("inference")
-    args = [
-        "--model",
-        str(tiny_target_model),
-        "--served-model-name",
-        "tiny",
-        *TINY_ENGINE_FLAGS,
-        "--api-key",
-        API_KEY,
-        "--admin-key",
-        ADMIN_KEY,
-        "--capabilities-dir",
-        str(tmp / "registry"),
-    ]
-    proc = ServerProcess(args, tmp / "server.log", env={"UNLOCK_CACHE_DIR": str(tmp / "cache")}).start()
+    keys = ("--api-key", API_KEY, "--admin-key", ADMIN_KEY)
+    proc = tiny_server(tiny_target_model, tmp / "registry", tmp / "server.log", *keys).start()
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
     for data in (COT_ARTIFACT, BOOST_ARTIFACT):
         r = httpx.post(f"{proc.url}/v1/capabilities", content=data, headers=admin, timeout=60)
