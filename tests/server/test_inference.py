@@ -154,33 +154,16 @@ def test_stream_response_carries_capability_header(server):
 
 
 def test_n_seed_logprobs_and_stop_pass_through(client):
-    out = client.completions.create(
-        model="tiny+cot",
-        prompt=PROMPT,
-        max_tokens=MAX_TOKENS,
-        n=2,
-        seed=7,
-        temperature=1.0,
-        logprobs=2,
-    )
+    sampled = dict(model="tiny+cot", prompt=PROMPT, max_tokens=MAX_TOKENS, seed=7, temperature=1.0)
+    out = client.completions.create(**sampled, n=2, logprobs=2)
     assert len(out.choices) == 2
     assert all(len(c.logprobs.tokens) == MAX_TOKENS for c in out.choices)
-    again = client.completions.create(
-        model="tiny+cot",
-        prompt=PROMPT,
-        max_tokens=MAX_TOKENS,
-        n=2,
-        seed=7,
-        temperature=1.0,
-        logprobs=2,
-    )
+    again = client.completions.create(**sampled, n=2, logprobs=2)
     assert [c.text for c in again.choices] == [c.text for c in out.choices]
     first = out.choices[0].text
     stop = first[len(first) // 2 :][:2]
     if stop.strip():
-        cut = client.completions.create(
-            model="tiny+cot", prompt=PROMPT, max_tokens=MAX_TOKENS, n=1, seed=7, temperature=1.0, stop=[stop]
-        )
+        cut = client.completions.create(**sampled, n=1, stop=[stop])
         assert stop not in cut.choices[0].text
 
 
