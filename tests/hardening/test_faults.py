@@ -1,5 +1,9 @@
 """Faults against the real server: SIGKILL during an upload and during generation, then a restart on the same
-registry (intact, nothing partial visible); a capability deleted while requests use it; SIGTERM draining."""
+registry (intact, nothing partial visible); a capability deleted while requests use it; SIGTERM draining.
+
+Requests that must still be running when the fault comes are admitted while the engine core process is
+stopped (SIGSTOP), so they stay in flight however fast the machine generates, and finish after SIGCONT.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,10 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import httpx
+import psutil
 import pytest
 from hardening_harness import (
     PROMPT,
@@ -24,8 +30,7 @@ from serve_harness import capability_bytes
 KEEP = capability_bytes("keep", seed=31, strength=3.0)
 PARTIAL = capability_bytes("partial", seed=32, strength=3.0)
 VICTIM = capability_bytes("victim", seed=33, strength=3.0)
-# Long enough that concurrent requests overlap even on a loaded machine (max-model-len is 512).
-LONG = {"max_tokens": 400, "ignore_eos": True}
+LONG = {"max_tokens": 200, "ignore_eos": True}
 DEADLINE_S = 300  # for polls of state that must come; a hang guard, not a timing assertion
 
 
@@ -64,9 +69,31 @@ def in_flight(server, name: str) -> int:
     return httpx.get(f"{server.url}/v1/capabilities/{name}", timeout=30).json()["in_flight"]
 
 
-def concurrent_long(server, name: str, n: int) -> list[tuple[threading.Thread, list]]:
-    """`n` long requests steered by `name` through one shared client (a new client per thread costs enough
-    to stagger their starts), once all `n` are in flight."""
+@contextmanager
+def engine_stopped(server) -> Iterator[None]:
+    """SIGSTOP vLLM's engine core process (it runs the model), SIGCONT on exit. The API process keeps
+    serving, so requests are accepted and counted, but none can finish meanwhile."""
+    cores = [
+        p
+        for p in psutil.Process(server.proc.pid).children(recursive=True)
+        if "EngineCore" in " ".join(p.cmdline())
+    ]
+    assert cores, "no VLLM::EngineCore process under the server"
+    for core in cores:
+        core.suspend()
+    try:
+        yield
+    finally:
+        for core in cores:
+            try:
+                core.resume()
+            except psutil.NoSuchProcess:  # killed while stopped, which is what some tests do
+                pass
+
+
+def start_requests(server, name: str, n: int) -> list[tuple[threading.Thread, list]]:
+    """`n` requests steered by `name`, each in its own thread, returned once the server counts all `n` in
+    flight. Call it with the engine stopped to keep them in flight."""
     client = httpx.Client(base_url=server.url, timeout=DEADLINE_S)
     body = {"model": "tiny", "prompt": PROMPT, "temperature": 0, "capabilities": [name], **LONG}
     runs = [in_background(lambda: client.post("/v1/completions", json=body)) for _ in range(n)]
@@ -125,8 +152,9 @@ def test_sigkill_during_upload_leaves_nothing_partial(server, workdir, steered_b
 
 def test_sigkill_during_generation_then_restart(server, workdir, steered_before):
     registry = workdir / "registry"
-    [(thread, out)] = concurrent_long(server, "keep", 1)
-    kill_hard(server)
+    with engine_stopped(server):
+        [(thread, out)] = start_requests(server, "keep", 1)
+        kill_hard(server)
     thread.join(DEADLINE_S)
     assert isinstance(out[0], httpx.HTTPError), f"the generation cannot have finished: {out[0]!r}"
 
@@ -151,11 +179,14 @@ def test_delete_while_in_use_finishes_those_requests(server, workdir):
     reference = complete(server.url, capabilities=["victim"], **LONG)
     assert reference.status_code == 200, reference.text
 
-    runs = concurrent_long(server, "victim", 3)
-    deleted = httpx.delete(f"{server.url}/v1/capabilities/victim", timeout=60)
-    assert deleted.status_code == 200, deleted.text
-    assert_openai_error(complete(server.url, capabilities=["victim"]), 400, "unknown capability")
-    assert sha in registered_on_workers(server), "unregistered while requests still use it"
+    with engine_stopped(server):
+        runs = start_requests(server, "victim", 3)
+        deleted = httpx.delete(f"{server.url}/v1/capabilities/victim", timeout=60)
+        assert deleted.status_code == 200, deleted.text
+        assert_openai_error(complete(server.url, capabilities=["victim"]), 400, "unknown capability")
+        # The server keeps the content on the workers until the last of the three ends.
+        wait_for(lambda: "'victim' deleted (3 requests still using it)" in server.log(), "the deferral log")
+        assert all(t.is_alive() for t, _ in runs)
 
     for thread, out in runs:
         thread.join(DEADLINE_S)
@@ -171,9 +202,7 @@ def test_sigterm_drains_in_flight_and_refuses_new(server, workdir):
     """Last in this module: it stops the server."""
     expected = complete(server.url, capabilities=["keep"], **LONG)
     assert expected.status_code == 200, expected.text
-    runs = concurrent_long(server, "keep", 2)
     url = server.url
-    server.proc.send_signal(signal.SIGTERM)
 
     def refused() -> bool:
         try:
@@ -182,8 +211,11 @@ def test_sigterm_drains_in_flight_and_refuses_new(server, workdir):
             return True
         return False
 
-    wait_for(refused, "new connections to be refused while draining")
-    assert any(t.is_alive() for t, _ in runs), "the refusal must be seen while requests are still in flight"
+    with engine_stopped(server):
+        runs = start_requests(server, "keep", 2)
+        server.proc.send_signal(signal.SIGTERM)
+        wait_for(refused, "new connections to be refused while draining")
+        assert all(t.is_alive() for t, _ in runs), "in-flight requests must outlive the refusal"
     for thread, out in runs:
         thread.join(DEADLINE_S)
         assert isinstance(out[0], httpx.Response), f"an in-flight request was cut off: {out[0]!r}"
