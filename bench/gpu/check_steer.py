@@ -10,6 +10,9 @@ machine without vLLM or transformers:
   (c) runs the op inside a torch.compile'd toy decoder layer (Qwen2.5-7B shapes: the four projections as
       matmuls, RMSNorm, SiLU gate; attention left out) and under CUDA-graph capture; writes new indices and
       inputs in place between replays and checks replay == eager;
+  (e) the host-to-device staging of the per-step indices with the host running ahead of the GPU (as under
+      asynchronous scheduling): the stream is stalled, several steps are written and uploaded, and each
+      step's consumer must read its own indices; a single staging buffer is run too, to show the race exists;
   (d) times, per steered layer with CUDA graphs, at T = 1, 8, 64, 512, 8192 tokens: the kernel alone, the
       torch-ops reference, and the toy layer without and with the op.
 
@@ -50,6 +53,7 @@ def load_by_path(name: str, path: Path):
 
 ops = load_by_path("unlock_ops", REPO / "unlock" / "ops.py")
 triton_steer = load_by_path("unlock_triton_steer", REPO / "patches" / "unlock_vllm" / "triton_steer.py")
+staging = load_by_path("unlock_staging", REPO / "patches" / "unlock_vllm" / "staging.py")
 
 
 # (a) the op, registered as the plugin registers it: reference math by default, Triton on CUDA, a fake impl.
@@ -408,6 +412,44 @@ def check_compiled_cpu(report: Report, layers: dict, shapes: dict) -> None:
         report.check(f"compiled layer with op (cpu) T={num_tokens}", err < 1e-4, abs_err_vs_eager=err)
 
 
+def check_staging(report: Report, device) -> None:
+    """(e) Steps written while the stream is stalled: each consumer reads the indices of its own step."""
+    size, steps = 4096, 8
+    want = torch.tensor([[k + 1, -(k + 1)] for k in range(steps)], device=device)
+
+    def run(host_pair, upload) -> int:
+        """Wrong steps when the host writes `steps` steps ahead of a stalled GPU."""
+        seen = torch.zeros(steps, 2, dtype=torch.int64, device=device)
+        torch.cuda.synchronize()
+        torch.cuda._sleep(200_000_000)  # the GPU is busy (~0.1 s) while the host lays out the steps
+        for step in range(steps):
+            add_host, rot_host = host_pair()
+            add_host[:] = step + 1
+            rot_host[:] = -(step + 1)
+            upload()
+            seen[step, 0] = add_index.sum() // size  # this step's consumer, in stream order
+            seen[step, 1] = rot_index.sum() // size
+        torch.cuda.synchronize()
+        return int((seen != want).any(-1).sum())
+
+    add_index = torch.zeros(size, dtype=torch.int64, device=device)
+    rot_index = torch.zeros(size, dtype=torch.int64, device=device)
+    ring = staging.Staging(add_index, rot_index)
+    wrong = run(ring.host, ring.upload)
+    report.check("staging: every step reads its own indices", wrong == 0, wrong_steps=wrong)
+
+    # The same without the ring's events: one pinned buffer rewritten while its copies wait in the stream.
+    add_pinned = torch.zeros(size, dtype=torch.int64, pin_memory=True)
+    rot_pinned = torch.zeros(size, dtype=torch.int64, pin_memory=True)
+
+    def upload_unguarded() -> None:
+        add_index.copy_(add_pinned, non_blocking=True)
+        rot_index.copy_(rot_pinned, non_blocking=True)
+
+    unguarded = run(lambda: (add_pinned.numpy(), rot_pinned.numpy()), upload_unguarded)
+    report.say(f"staging without events (one buffer): {unguarded}/{steps} steps read another step's indices")
+
+
 def stage(report: Report, name: str, fn, *args) -> None:
     """Run one part; an exception becomes a failed check with its traceback, so later parts still run and
     the results are still written (a GPU run is one shot)."""
@@ -480,6 +522,7 @@ def main() -> int:
             )
             layers = build_layers(shapes, dtype, device, compile_backend="inductor")
             stage(report, "graphs", check_graphs, report, layers, shapes, dtype, device)
+            stage(report, "staging", check_staging, report, device)
             token_counts = TOKEN_COUNTS
         report.say(f"checks done at {time.monotonic() - started:.0f} s")
         report.say(

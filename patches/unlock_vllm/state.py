@@ -22,6 +22,7 @@ from torch import nn
 from unlock.ops import compose_rows
 from unlock_vllm.registry import Registry
 from unlock_vllm.request import EXTRA_ARGS_KEY, decode_selection
+from unlock_vllm.staging import Staging
 from unlock_vllm.steer_op import steer
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's configured "vllm" logger
@@ -51,11 +52,6 @@ def _make_hook(
     return hook
 
 
-def _host_buffer(like: torch.Tensor) -> torch.Tensor:
-    """A pinned host staging copy, so the per-step upload is an async copy, not a sync."""
-    return torch.zeros(like.shape, dtype=like.dtype, pin_memory=torch.cuda.is_available())
-
-
 class SteeringState:
     def __init__(
         self,
@@ -80,10 +76,7 @@ class SteeringState:
         self.rot_map = torch.zeros(num_layers, rows, dtype=torch.int64, device=device)  # see _make_hook
         self.add_index = torch.zeros(max_num_tokens, dtype=torch.int64, device=device)
         self.rot_index = torch.zeros(max_num_tokens, dtype=torch.int64, device=device)
-        # Host copies written each step; on CPU they are the device buffers themselves.
-        self._on_host = self.add_index.device.type == "cpu"
-        self._add_host = self.add_index if self._on_host else _host_buffer(self.add_index)
-        self._rot_host = self.rot_index if self._on_host else _host_buffer(self.rot_index)
+        self._staging = Staging(self.add_index, self.rot_index)
         self._dirty = False  # the buffers hold a non-zero index from an earlier step
         self.slot_of: dict[str, int] = {}  # request id -> slot (0: runs unsteered)
         self.free_slots = list(range(rows - 1, 0, -1))
@@ -113,19 +106,29 @@ class SteeringState:
     def free(self, req_ids: Iterable[str], finished: bool) -> None:
         """Release the slots of requests that finished or were preempted (a resumed one recomposes)."""
         for req_id in req_ids:
-            slot = self.slot_of.pop(req_id, 0)
-            if slot:
-                self.add_table[:, slot].zero_()
-                self.rot_table[:, slot].zero_()
-                self.rot_map[:, slot] = 0
-                self.has_add[slot] = self.has_rot[slot] = False
-                self.free_slots.append(slot)
+            if self._release_slot(req_id):
                 self.preempted_slots += not finished
             if finished:
                 self.registry.release(req_id)
 
-    def _admit(self, req_id: str, sampling_params: Any) -> int:
-        """Compose a request's rows once into a free slot; 0 (unsteered) if it selects nothing or is bad."""
+    def admit(self, req_id: str, sampling_params: Any) -> None:
+        """Give a request entering the batch its slot: its rows composed once (slot 0: runs unsteered)."""
+        self._release_slot(req_id)  # a request re-added with new input (streaming) starts over
+        self.slot_of[req_id] = self._compose(req_id, sampling_params)
+
+    def _release_slot(self, req_id: str) -> bool:
+        slot = self.slot_of.pop(req_id, 0)
+        if not slot:
+            return False
+        self.add_table[:, slot].zero_()
+        self.rot_table[:, slot].zero_()
+        self.rot_map[:, slot] = 0
+        self.has_add[slot] = self.has_rot[slot] = False
+        self.free_slots.append(slot)
+        return True
+
+    def _compose(self, req_id: str, sampling_params: Any) -> int:
+        """Compose a request's rows into a free slot; 0 (unsteered) if it selects nothing or is bad."""
         extra = getattr(sampling_params, "extra_args", None) or {}
         text = extra.get(EXTRA_ARGS_KEY)
         if text is None:
@@ -154,22 +157,17 @@ class SteeringState:
     def write_step(
         self,
         req_ids: list[str],
-        requests: dict[str, Any],
         num_scheduled: np.ndarray,
         num_computed: np.ndarray,
         num_prompt: np.ndarray,
     ) -> None:
-        """Write this step's per-token indices in place (tail zeroed), batch order = `req_ids`.
+        """Write this step's per-token indices in place (tail zeroed), batch order = `req_ids`, every one
+        of them admitted.
 
         num_scheduled, num_computed, num_prompt: per request of the batch (N, C, P). The last prompt
         token is in this step when C <= P-1 < C+N; its flat index is Q + P-1-C (Q = query start).
         """
-        slots = np.empty(len(req_ids), dtype=np.int64)
-        for i, req_id in enumerate(req_ids):
-            slot = self.slot_of.get(req_id)
-            if slot is None:
-                slot = self.slot_of[req_id] = self._admit(req_id, requests[req_id].sampling_params)
-            slots[i] = slot
+        slots = np.fromiter((self.slot_of[r] for r in req_ids), dtype=np.int64, count=len(req_ids))
         if not slots.any() and not self._dirty:
             return  # the buffers are all zero already: nothing to write
         num_tokens = int(num_scheduled.sum())
@@ -177,16 +175,14 @@ class SteeringState:
         add = np.repeat(np.where(self.has_add[slots], slots, 0), num_scheduled)  # [T]
         last = num_prompt - 1 - num_computed
         hit = self.has_rot[slots] & (last >= 0) & (last < num_scheduled)
-        add_host, rot_host = self._add_host.numpy(), self._rot_host.numpy()
+        add_host, rot_host = self._staging.host()
         add_host[:num_tokens] = add
         add_host[num_tokens:] = 0
         rot_host[:] = 0
         rot_host[(starts + last)[hit]] = slots[hit]
         self.steered_tokens += int(np.count_nonzero(add)) + int(hit.sum())
         self._dirty = bool(slots.any())
-        if not self._on_host:
-            self.add_index.copy_(self._add_host, non_blocking=True)
-            self.rot_index.copy_(self._rot_host, non_blocking=True)
+        self._staging.upload()
 
     def status(self) -> dict[str, Any]:
         return {

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from unlock_vllm.runner_v1 import STATE_ATTR
+from unlock_vllm.runners import STATE_ATTR
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's configured "vllm" logger
 

