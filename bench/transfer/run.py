@@ -4,7 +4,7 @@ Stages (each resumable; results are appended per item to JSONL files under --out
   build   artifacts: cross-model (source -> target) at each rank; same-model (the target's own direction)
   tune    strength x rank on a held-out GSM8K split that is never evaluated
   eval    the evaluated GSM8K items: target direct, target + UNLOCK, target cot, target + same-model direction
-  report  tables with 95% Wilson intervals and exact McNemar tests (report.py draws the plots)
+  report  tables with 95% Wilson intervals and exact McNemar tests, and the figures (plots.py)
 
 Example (the headline, 1.5B -> 0.5B; models come from bench/fetch_assets.py):
   .venv/bin/python bench/transfer/run.py all \
@@ -28,6 +28,7 @@ import httpx
 from openai import AsyncOpenAI
 
 sys.path.insert(0, str(Path(__file__).parent))
+from plots import draw_all  # noqa: E402
 from scoring import gold_answer, mcnemar_exact, parse_answer, wilson_interval  # noqa: E402
 
 from unlock.templates import ANSWER_CLOSE, BUILTIN_TEMPLATES, render  # noqa: E402
@@ -291,6 +292,10 @@ def stage_tune(server: Server, args: argparse.Namespace, gsm: list[dict]) -> dic
 
 
 def stage_eval(server: Server, args: argparse.Namespace, gsm: list[dict], choice: dict) -> None:
+    # The unsteered target on the tuning split too: the baseline of the accuracy-against-strength figure.
+    tune = [(i, gsm[i]) for i in args.tune_items]
+    direct = BUILTIN_TEMPLATES["direct"]
+    asyncio.run(evaluate(server, "direct", tune, direct, None, args.out / "tune" / "direct.jsonl", args))
     items = [(i, gsm[i]) for i in args.eval_items]
     rows = {
         "direct": (BUILTIN_TEMPLATES["direct"], None),
@@ -337,6 +342,8 @@ def stage_report(args: argparse.Namespace) -> str:
             )
     text = "\n".join(lines)
     (args.out / "report.md").write_text(text + "\n")
+    for figure in draw_all(args.out):
+        print(f"wrote {figure}")
     return text
 
 
