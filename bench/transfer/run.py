@@ -256,7 +256,8 @@ async def evaluate(
         )
 
     started = time.time()
-    await asyncio.gather(*(one(i, item) for i, item in todo))
+    async with client:  # closed inside this event loop (asyncio.run closes the loop afterwards)
+        await asyncio.gather(*(one(i, item) for i, item in todo))
     if todo:
         print(f"{row}: {len(todo)} items in {time.time() - started:.0f}s", flush=True)
 
