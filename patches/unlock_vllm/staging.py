@@ -17,8 +17,7 @@ class Staging:
 
     def __init__(self, add_index: torch.Tensor, rot_index: torch.Tensor, ring: int = 3) -> None:
         self.add_index, self.rot_index = add_index, rot_index
-        self.on_device = add_index.device.type != "cpu"
-        if not self.on_device:
+        if add_index.device.type == "cpu":
             self.ring = [(add_index, rot_index, None)]
         else:
             self.ring = [
@@ -36,7 +35,7 @@ class Staging:
         self.turn = (self.turn + 1) % len(self.ring)
         add, rot, uploaded = self.ring[self.turn]
         if uploaded is not None:
-            uploaded.synchronize()  # returns at once unless that copy (RING steps ago) has not run yet
+            uploaded.synchronize()  # returns at once unless that copy (`ring` steps ago) has not run yet
         return add.numpy(), rot.numpy()
 
     def upload(self) -> None:
