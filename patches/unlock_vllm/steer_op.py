@@ -1,9 +1,9 @@
 """The per-layer steering op `torch.ops.unlock.steer`, opaque to torch.compile and safe in CUDA graphs.
 
 Out-of-place, with a fake (meta) implementation, so Dynamo/Inductor keep it as one node inside compiled
-and graphed regions instead of splitting the graph. The CPU kernel is the reference math
-`unlock.ops.steer_hidden`; the CUDA kernel is the fused Triton kernel when `unlock_vllm.triton_steer`
-exists. The index buffers are longer than the batch (fixed address) and are sliced to the hidden's token
+and graphed regions instead of splitting the graph. The CPU kernel applies the reference math
+`unlock.ops.steer_hidden` to the steered tokens only; the CUDA kernel is the fused Triton kernel when
+`unlock_vllm.triton_steer` exists. The index buffers are longer than the batch (fixed address) and are sliced to the hidden's token
 count inside the kernels, so that slice stays symbolic under compile.
 """
 
@@ -34,6 +34,30 @@ def steer(
 @steer.register_fake
 def _steer_fake(hidden, residual, add_table, rot_table, add_index, rot_index):
     return torch.empty_like(hidden)
+
+
+@steer.register_kernel("cpu")
+def _steer_cpu(hidden, residual, add_table, rot_table, add_index, rot_index):
+    """CPU runs the op eagerly even inside compiled models (no graph capture), so it may branch on the
+    indices: the reference math touches only steered tokens, and a step that steers none costs one copy
+    (the full math on every token of every layer was most of what steering cost a CPU server)."""
+    num_tokens = hidden.shape[0]
+    add_index, rot_index = add_index[:num_tokens], rot_index[:num_tokens]
+    out = hidden.clone()  # a custom op's output may not alias its inputs
+    added = add_index.nonzero().squeeze(-1)
+    if added.numel():
+        out[added] = hidden[added] + add_table[add_index[added]].to(hidden.dtype)
+    rotated = rot_index.nonzero().squeeze(-1)
+    if rotated.numel():  # out[rotated] already holds the add: rotate it with no further add
+        out[rotated] = steer_hidden(
+            out[rotated],
+            None if residual is None else residual[rotated],
+            add_table,
+            rot_table,
+            torch.zeros_like(rotated),
+            rot_index[rotated],
+        )
+    return out
 
 
 def _cuda_kernel():

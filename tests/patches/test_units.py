@@ -15,7 +15,10 @@ from unlock_vllm.prefix_cache import _with_fingerprint, steering_keys
 from unlock_vllm.registry import Registry
 from unlock_vllm.request import EXTRA_ARGS_KEY, decode_selection, encode_selection
 from unlock_vllm.state import SteeringState
+from unlock_vllm.steer_op import steer
 from unlock_vllm.worker import UnlockWorkerExtension
+
+from unlock.ops import steer_hidden
 
 SHA_A, SHA_B = "a" * 64, "b" * 64
 HIDDEN, LAYERS = 64, 4
@@ -318,6 +321,41 @@ def test_v2_runner_has_the_seams_the_wiring_uses():
 
 
 # -- block-hash keys ------------------------------------------------------------------------------
+
+
+# -- the CPU kernel of the op ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize(
+    "add_rows, rot_rows",
+    [
+        ([0] * 7, [0] * 7),  # a decode step with nothing steered
+        ([2, 2, 2, 0, 0, 1, 1], [0, 0, 0, 0, 0, 0, 0]),  # add only
+        ([0, 0, 0, 0, 0, 0, 0], [0, 0, 2, 0, 0, 0, 1]),  # rotate only, at last prompt tokens
+        ([2, 2, 2, 0, 0, 1, 1], [0, 0, 2, 0, 0, 0, 1]),  # both on the same tokens
+        ([1] * 7, [1] * 7),  # every token
+    ],
+)
+def test_cpu_kernel_is_the_reference_math_on_steered_tokens_only(with_residual, add_rows, rot_rows):
+    """The CPU kernel skips unsteered tokens; the result must still equal `steer_hidden` bit for bit."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(7, HIDDEN, generator=gen)
+    residual = torch.randn(7, HIDDEN, generator=gen) if with_residual else None
+    add_table = torch.randn(3, HIDDEN, generator=gen)
+    rot_table = torch.randn(3, HIDDEN, generator=gen)
+    add_table[0] = rot_table[0] = 0
+    pad = [0] * 5  # the index buffers are longer than the batch
+    add_index = torch.tensor(add_rows + pad)
+    rot_index = torch.tensor(rot_rows + pad)
+
+    out = steer(hidden, residual, add_table, rot_table, add_index, rot_index)
+
+    expected = steer_hidden(hidden, residual, add_table, rot_table, add_index, rot_index)
+    assert torch.equal(out, expected)
+    assert out.data_ptr() != hidden.data_ptr()
+    if any(add_rows) or any(rot_rows):
+        assert not torch.equal(out, hidden)
 
 
 def test_block_keys():
