@@ -11,6 +11,10 @@ so that machine noise shows up as spread. Reported as ratios to the plugin-absen
 
   .venv/bin/python bench/overhead/run.py --model bench/cache/models/smollm2 \
       --out bench/overhead/results/smollm2.json
+
+Separate engine processes differ by more than the steering costs on a small CPU model (core placement,
+compiled code, memory layout), so `--interleaved` also runs unused, rotate and add taking turns on ONE engine
+with the plugin, many rounds, and reports ratios to unused: the cost of steering itself.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 CONFIGS = ("absent", "unused", "rotate", "add")
@@ -60,11 +65,9 @@ def make_capabilities(model: str, mode: str, count: int, out_dir: Path) -> list[
     return paths
 
 
-async def run_config(args: argparse.Namespace) -> dict:
-    """One configuration in this process: start the engine, send the load, time every token."""
-    from vllm import SamplingParams
+async def start_engine(args: argparse.Namespace, plugin: bool):
+    """The engine every configuration runs on; the plugin's engine arguments when `plugin`."""
     from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.sampling_params import RequestOutputKind
     from vllm.v1.engine.async_llm import AsyncLLM
 
     engine_args = dict(
@@ -76,33 +79,41 @@ async def run_config(args: argparse.Namespace) -> dict:
         seed=0,
         enforce_eager=args.eager,
     )
-    if args.config != "absent":
+    if plugin:
         import unlock_vllm
 
         engine_args.update(unlock_vllm.engine_kwargs(max_capabilities=64))
-    start = time.perf_counter()
-    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args))
-    startup = time.perf_counter() - start
-    selections: list[str | None] = [None] * args.requests
-    if args.config in ("rotate", "add"):
-        from unlock_vllm.request import encode_selection
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args))
 
-        from unlock import Capability
 
-        caps = []
-        with tempfile.TemporaryDirectory() as tmp:
-            for path in make_capabilities(args.model, args.config, 16, Path(tmp)):
-                cap = Capability.load(path)
-                replies = await engine.collective_rpc("unlock_register", args=(str(path), cap.sha256))
-                if not all(r.get("ok") for r in replies):
-                    raise RuntimeError(f"registration failed: {replies}")
-                caps.append(cap)
-        for i in range(args.requests):  # one or two capabilities, strengths differing per request
-            chosen = [caps[i % 16]] + ([caps[(i * 7 + 3) % 16]] if i % 2 else [])
-            chosen = list({c.sha256: c for c in chosen}.values())
-            selections[i] = encode_selection(
-                [(c.sha256, 0.02 + 0.01 * ((i + j) % 5), c.mode) for j, c in enumerate(chosen)]
-            )
+async def steering_selections(engine, args: argparse.Namespace, mode: str) -> list[str]:
+    """Register 16 capabilities in `mode`; each request gets its own set of 1-2 with its own strengths."""
+    from unlock_vllm.request import encode_selection
+
+    from unlock import Capability
+
+    caps = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in make_capabilities(args.model, mode, 16, Path(tmp)):
+            cap = Capability.load(path)
+            replies = await engine.collective_rpc("unlock_register", args=(str(path), cap.sha256))
+            if not all(r.get("ok") for r in replies):
+                raise RuntimeError(f"registration failed: {replies}")
+            caps.append(cap)
+    selections = []
+    for i in range(args.requests):
+        chosen = [caps[i % 16]] + ([caps[(i * 7 + 3) % 16]] if i % 2 else [])
+        chosen = list({c.sha256: c for c in chosen}.values())
+        selections.append(
+            encode_selection([(c.sha256, 0.02 + 0.01 * ((i + j) % 5), c.mode) for j, c in enumerate(chosen)])
+        )
+    return selections
+
+
+async def measure(engine, args: argparse.Namespace, label: str, selections: list[str | None]) -> dict:
+    """Send the load (`args.requests` prompts, `args.concurrency` at a time) and time every token."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
 
     async def one(i: int, prompt: str) -> dict:
         params = SamplingParams(
@@ -114,7 +125,7 @@ async def run_config(args: argparse.Namespace) -> dict:
         )
         sent = time.perf_counter()
         stamps: list[float] = []
-        async for out in engine.generate(prompt, params, request_id=f"{args.config}-{i}"):
+        async for out in engine.generate(prompt, params, request_id=f"{label}-{i}-{uuid.uuid4().hex[:8]}"):
             stamps.extend([time.perf_counter()] * len(out.outputs[0].token_ids))
         return {
             "ttft": stamps[0] - sent,
@@ -128,17 +139,14 @@ async def run_config(args: argparse.Namespace) -> dict:
         async with sem:
             return await one(i, prompt)
 
-    await asyncio.gather(*(limited(i, p) for i, p in enumerate(prompts(args.concurrency))))  # warm-up
     start = time.perf_counter()
     results = await asyncio.gather(*(limited(i, p) for i, p in enumerate(prompts(args.requests))))
     elapsed = time.perf_counter() - start
-    engine.shutdown()
     tokens = sum(r["tokens"] for r in results)
     itl = [x for r in results for x in r["itl"]]
     ttft = [r["ttft"] for r in results]
     return {
-        "config": args.config,
-        "startup_s": startup,
+        "config": label,
         "elapsed_s": elapsed,
         "tokens": tokens,
         "throughput_tok_s": tokens / elapsed,
@@ -149,6 +157,42 @@ async def run_config(args: argparse.Namespace) -> dict:
     }
 
 
+async def run_config(args: argparse.Namespace) -> dict:
+    """One configuration in this process: start the engine, send a warm-up batch, then the timed load."""
+    start = time.perf_counter()
+    engine = await start_engine(args, plugin=args.config != "absent")
+    startup = time.perf_counter() - start
+    selections: list[str | None] = [None] * args.requests
+    if args.config in ("rotate", "add"):
+        selections = await steering_selections(engine, args, args.config)
+    warm = argparse.Namespace(**{**vars(args), "requests": args.concurrency})
+    await measure(engine, warm, f"warm-{args.config}", selections)
+    result = await measure(engine, args, args.config, selections)
+    engine.shutdown()
+    return {"startup_s": startup, **result}
+
+
+async def run_interleaved(args: argparse.Namespace) -> list[dict]:
+    """unused, rotate and add on ONE engine with the plugin, taking turns (the first config shifts each
+    round): what differs between engine processes (core placement, compiled code, memory layout) cancels
+    out, so the ratios measure the steering alone."""
+    engine = await start_engine(args, plugin=True)
+    selections = {"unused": [None] * args.requests}
+    for mode in ("rotate", "add"):
+        selections[mode] = await steering_selections(engine, args, mode)
+    warm = argparse.Namespace(**{**vars(args), "requests": args.concurrency})
+    for config, chosen in selections.items():
+        await measure(engine, warm, f"warm-{config}", chosen)
+    names, runs = list(selections), []
+    for round_ in range(args.rounds):
+        for config in names[round_ % 3 :] + names[: round_ % 3]:
+            result = {**await measure(engine, args, config, selections[config]), "round": round_}
+            runs.append(result)
+            print(json.dumps(result), flush=True)
+    engine.shutdown()
+    return runs
+
+
 def child_env(config: str) -> dict[str, str]:
     env = dict(os.environ, VLLM_TARGET_DEVICE="cpu")
     if config == "absent":
@@ -156,14 +200,14 @@ def child_env(config: str) -> dict[str, str]:
     return env
 
 
-def summarise(runs: list[dict]) -> str:
+def summarise(runs: list[dict], base_config: str) -> str:
     lines = [
-        "| round | config | tok/s | ratio to absent | TTFT p50 / p99 ms | ITL p50 / p99 ms |",
+        f"| round | config | tok/s | ratio to {base_config} | TTFT p50 / p99 ms | ITL p50 / p99 ms |",
         "|---|---|---|---|---|---|",
     ]
     ratios: dict[str, list[float]] = {}
     for r in runs:
-        base = next(b for b in runs if b["round"] == r["round"] and b["config"] == "absent")
+        base = next(b for b in runs if b["round"] == r["round"] and b["config"] == base_config)
         ratio = r["throughput_tok_s"] / base["throughput_tok_s"]
         ratios.setdefault(r["config"], []).append(ratio)
         lines.append(
@@ -173,9 +217,8 @@ def summarise(runs: list[dict]) -> str:
         )
     lines.append("")
     for config, values in ratios.items():
-        lines.append(
-            f"{config}: throughput ratio to absent, median over rounds = {statistics.median(values):.3f}"
-        )
+        median = statistics.median(values)
+        lines.append(f"{config}: throughput ratio to {base_config}, median over rounds = {median:.3f}")
     return "\n".join(lines)
 
 
@@ -189,11 +232,41 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--eager", action="store_true", help="enforce_eager (default: vLLM's torch.compile)")
+    p.add_argument(
+        "--interleaved",
+        action="store_true",
+        help="unused, rotate and add taking turns on one engine (ratios to unused; no absent run)",
+    )
     p.add_argument("--config", choices=CONFIGS, help=argparse.SUPPRESS)  # set in the child process
     args = p.parse_args()
     if args.config:
         print(json.dumps(asyncio.run(run_config(args))))
         return
+    if args.interleaved:
+        os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+        runs = asyncio.run(run_interleaved(args))
+    else:
+        runs = run_separately(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "model": args.model,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": " ".join(sys.argv),
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "max_tokens": args.max_tokens,
+        "eager": args.eager,
+        "interleaved": args.interleaved,
+        "cpus": os.cpu_count(),
+    }
+    args.out.write_text(json.dumps({"meta": meta, "runs": runs}, indent=2))
+    table = summarise(runs, "unused" if args.interleaved else "absent")
+    args.out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+
+
+def run_separately(args: argparse.Namespace) -> list[dict]:
+    """Each configuration in its own engine process, in the order given, --rounds times."""
     runs = []
     for round_ in range(args.rounds):
         for config in args.configs:
@@ -205,21 +278,7 @@ def main() -> None:
             result["round"] = round_
             runs.append(result)
             print(json.dumps(result), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "model": args.model,
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": " ".join(sys.argv),
-        "requests": args.requests,
-        "concurrency": args.concurrency,
-        "max_tokens": args.max_tokens,
-        "eager": args.eager,
-        "cpus": os.cpu_count(),
-    }
-    args.out.write_text(json.dumps({"meta": meta, "runs": runs}, indent=2))
-    table = summarise(runs)
-    args.out.with_suffix(".md").write_text(table + "\n")
-    print(table)
+    return runs
 
 
 if __name__ == "__main__":
