@@ -100,7 +100,7 @@ def build_artifacts(args: argparse.Namespace) -> dict[str, Path]:
                     str(args.target),
                     "--rank",
                     str(rank),
-                    "--center",
+                    *(["--center"] if args.center else []),
                     "--mode",
                     "rotate",
                     "--strength",
@@ -274,20 +274,22 @@ def stage_tune(server: Server, args: argparse.Namespace, gsm: list[dict]) -> dic
     tune_dir = args.out / "tune"
     tune_dir.mkdir(parents=True, exist_ok=True)
     scores: dict[str, dict[str, float]] = {}
-    for name in [f"xfer-r{r}" for r in args.ranks] + ["same"]:
+    same = ["same"] if "same-model" in args.rows else []  # its tuning is long: only when its row is wanted
+    for name in [f"xfer-r{r}" for r in args.ranks] + same:
         for strength in args.strengths:
             out = tune_dir / f"{name}@{strength}.jsonl"
             asyncio.run(evaluate(server, f"{name}@{strength}", items, direct, {name: strength}, out, args))
             correct, total = accuracy(out, set(args.tune_items))
             scores.setdefault(name, {})[str(strength)] = correct / max(total, 1)
     xfer = max(((n, s) for n in scores if n != "same" for s in scores[n]), key=lambda k: scores[k[0]][k[1]])
-    same = max(scores["same"], key=lambda s: scores["same"][s])
     choice = {
         "unlock": {"name": xfer[0], "strength": float(xfer[1])},
-        "same": {"name": "same", "strength": float(same)},
         "tune_scores": scores,
         "tune_items": len(items),
     }
+    if same:
+        best = max(scores["same"], key=lambda s: scores["same"][s])
+        choice["same"] = {"name": "same", "strength": float(best)}
     (args.out / "choice.json").write_text(json.dumps(choice, indent=2))
     return choice
 
@@ -302,8 +304,9 @@ def stage_eval(server: Server, args: argparse.Namespace, gsm: list[dict], choice
         "direct": (BUILTIN_TEMPLATES["direct"], None),
         "unlock": (BUILTIN_TEMPLATES["direct"], {choice["unlock"]["name"]: choice["unlock"]["strength"]}),
         "cot": (BUILTIN_TEMPLATES["cot"], None),
-        "same-model": (BUILTIN_TEMPLATES["direct"], {"same": choice["same"]["strength"]}),
     }
+    if "same" in choice:
+        rows["same-model"] = (BUILTIN_TEMPLATES["direct"], {"same": choice["same"]["strength"]})
     for row in args.rows:
         template, caps = rows[row]
         asyncio.run(evaluate(server, row, items, template, caps, args.out / f"eval-{row}.jsonl", args))
@@ -358,6 +361,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--extract-field", default="problem")
     p.add_argument("-n", type=int, default=128, help="MATH problems for extraction and alignment")
     p.add_argument("--ranks", type=int, nargs="+", default=[64])
+    p.add_argument(
+        "--center",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="centre the activations before the alignment fit (`unlock align --center`)",
+    )
     p.add_argument("--strengths", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     p.add_argument("--eval-range", default="0:200", help="GSM8K test items evaluated (start:stop)")
     p.add_argument("--tune-range", default="1000:1060", help="GSM8K test items for tuning, never evaluated")
