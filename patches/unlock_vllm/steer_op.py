@@ -43,10 +43,13 @@ def _steer_cpu(hidden, residual, add_table, rot_table, add_index, rot_index):
     (the full math on every token of every layer was most of what steering cost a CPU server)."""
     num_tokens = hidden.shape[0]
     add_index, rot_index = add_index[:num_tokens], rot_index[:num_tokens]
-    out = hidden.clone()  # a custom op's output may not alias its inputs
     added = add_index.nonzero().squeeze(-1)
-    if added.numel():
-        out[added] = hidden[added] + add_table[add_index[added]].to(hidden.dtype)
+    if added.numel() == num_tokens:  # `add` mode's usual step: every token, no indexing needed
+        out = hidden + add_table[add_index].to(hidden.dtype)
+    else:
+        out = hidden.clone()  # a custom op's output may not alias its inputs
+        if added.numel():
+            out[added] = hidden[added] + add_table[add_index[added]].to(hidden.dtype)
     rotated = rot_index.nonzero().squeeze(-1)
     if rotated.numel():  # out[rotated] already holds the add: rotate it with no further add
         out[rotated] = steer_hidden(

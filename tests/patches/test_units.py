@@ -331,7 +331,8 @@ def test_v2_runner_has_the_seams_the_wiring_uses():
     "add_rows, rot_rows",
     [
         ([0] * 7, [0] * 7),  # a decode step with nothing steered
-        ([2, 2, 2, 0, 0, 1, 1], [0, 0, 0, 0, 0, 0, 0]),  # add only
+        ([2, 2, 2, 0, 0, 1, 1], [0, 0, 0, 0, 0, 0, 0]),  # add only, some tokens
+        ([2, 2, 2, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0]),  # add only, every token (add mode's decode step)
         ([0, 0, 0, 0, 0, 0, 0], [0, 0, 2, 0, 0, 0, 1]),  # rotate only, at last prompt tokens
         ([2, 2, 2, 0, 0, 1, 1], [0, 0, 2, 0, 0, 0, 1]),  # both on the same tokens
         ([1] * 7, [1] * 7),  # every token
