@@ -42,6 +42,9 @@ def sweep(
     n, n_s, _ = source.locked_acts.shape
     n_t = target.locked_acts.shape[1]
     fit_all, held = split_indices(n, holdout, seed=0)
+    # Rotation moves the stream only by the part of r orthogonal to the stream, and the locked streams
+    # share a large mean: agreement off that mean (per target layer) is what steering can use.
+    means = torch.nn.functional.normalize(target.locked_acts.float().mean(0), dim=-1)  # [n_t, d_t]
     rows = []
     for rank in ranks:
         for size in sorted({min(size, len(fit_all)) for size in fit_sizes}):
@@ -51,9 +54,7 @@ def sweep(
                 layer_map = fit_layer(source.locked_acts[fit, s], target.locked_acts[fit, t], rank, center)
                 mapped = layer_map.apply(source.directions[s]).float()
                 own = target.directions[t].float()
-                # Rotation moves the stream only by the part of r orthogonal to the stream, and the
-                # locked streams share a large mean: agreement off that mean is what steering can use.
-                mean = torch.nn.functional.normalize(target.locked_acts[:, t].float().mean(0), dim=0)
+                mean = means[t]
                 mapped_off, own_off = mapped - (mapped @ mean) * mean, own - (own @ mean) * mean
                 rows.append(
                     {
