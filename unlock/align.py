@@ -1,16 +1,29 @@
 """Map directions from a source model's residual stream into a target's (DESIGN step 3).
 
 Per target layer t, with source layer s = depth_map(t): V_s, V_t are the top-k right singular vectors of the
-source and target activations on the same N prompts (k = min(rank, N)), and M = pinv(X_s V_s) (X_t V_t) is the
-k x k least-squares map between the two subspaces. The map W = V_s M V_t^T is kept as its three factors.
+source and target activations on the same N paired rows (k = min(rank, N)), and M = pinv(X_s V_s) (X_t V_t) is
+the k x k least-squares map between the two subspaces; with a ridge λ > 0 it is (A^T A + λ I)^-1 A^T B instead
+(A = X_s V_s, B = X_t V_t). The map W = V_s M V_t^T is kept as its three factors.
+
+Everything is computed from the rows' moments (count, sums, X_s^T X_s, X_t^T X_t, X_s^T X_t), which add over
+rows: cross-validation fits on the total less one fold's moments instead of refitting from the rows, and
+thousands of token-level pairs cost no more memory than their d x d moments. The right singular vectors of X
+are the eigenvectors of X^T X; directions whose eigenvalue is below ``EIG_RTOL`` times the largest are
+numerical zeros (a centred fit on N rows has rank N - 1) and get no weight in M, as pinv gives them none.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+EIG_RTOL = 1e-12  # singular values below 1e-6 of the largest: treated as zero
+
+# One layer's paired rows: x_s [P, d_s], x_t [P, d_t] and the text each row comes from, int64 [P].
+RowsFn = Callable[[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def depth_map(target_layer: int, source_layers: int, target_layers: int) -> int:
@@ -21,16 +34,71 @@ def depth_map(target_layer: int, source_layers: int, target_layers: int) -> int:
 
 
 def split_indices(n: int, holdout: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A seeded random split of n prompts into (fit, held-out) indices; holdout is a fraction in [0, 1)."""
+    """A seeded random split of n texts into (fit, held-out) indices; holdout is a fraction in [0, 1)."""
     if not 0.0 <= holdout < 1.0:
         raise ValueError(f"holdout must be a fraction in [0, 1), got {holdout}")
     n_hold = math.ceil(holdout * n) if holdout > 0 else 0
     if n - n_hold < 1 or (holdout > 0 and n_hold < 1):
-        raise ValueError(
-            f"cannot hold out {holdout:.0%} of {n} prompts and fit on the rest; use more prompts"
-        )
+        raise ValueError(f"cannot hold out {holdout:.0%} of {n} texts and fit on the rest; use more texts")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return order[n_hold:].sort().values, order[:n_hold].sort().values
+
+
+def fold_of_texts(texts: torch.Tensor, folds: int, seed: int = 0) -> dict[int, int]:
+    """A seeded assignment of whole texts to ``folds`` folds of near-equal size: {text index: fold}."""
+    if folds < 2 or folds > len(texts):
+        raise ValueError(
+            f"cross-validation needs 2 to {len(texts)} folds (one text each at least), got {folds}"
+        )
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed + 1))
+    return {int(texts[i]): rank % folds for rank, i in enumerate(order.tolist())}
+
+
+@dataclass
+class Moments:
+    """Sufficient statistics of paired rows for the fit, float64; they add and subtract over disjoint rows."""
+
+    n: int
+    sum_s: torch.Tensor  # [d_s]
+    sum_t: torch.Tensor  # [d_t]
+    ss: torch.Tensor  # [d_s, d_s] = X_s^T X_s
+    tt: torch.Tensor  # [d_t, d_t]
+    st: torch.Tensor  # [d_s, d_t] = X_s^T X_t
+
+    @classmethod
+    def of(cls, x_s: torch.Tensor, x_t: torch.Tensor) -> Moments:
+        if x_s.shape[0] != x_t.shape[0]:
+            raise ValueError(f"source and target rows disagree on N: {x_s.shape[0]} vs {x_t.shape[0]}")
+        x_s, x_t = x_s.double(), x_t.double()
+        return cls(x_s.shape[0], x_s.sum(0), x_t.sum(0), x_s.T @ x_s, x_t.T @ x_t, x_s.T @ x_t)
+
+    def _combine(self, other: Moments, sign: int) -> Moments:
+        parts = (self.sum_s, self.sum_t, self.ss, self.tt, self.st)
+        others = (other.sum_s, other.sum_t, other.ss, other.tt, other.st)
+        return Moments(self.n + sign * other.n, *(a + sign * b for a, b in zip(parts, others, strict=True)))
+
+    def __add__(self, other: Moments) -> Moments:
+        return self._combine(other, 1)
+
+    def __sub__(self, other: Moments) -> Moments:
+        return self._combine(other, -1)
+
+    def centred(
+        self, center: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mu_s, mu_t, ss, tt, st) about the means when ``center``, else about zero (mu = 0)."""
+        if not center:
+            zeros_s, zeros_t = self.sum_s.new_zeros(self.sum_s.shape), self.sum_t.new_zeros(self.sum_t.shape)
+            return zeros_s, zeros_t, self.ss, self.tt, self.st
+        mu_s, mu_t = self.sum_s / self.n, self.sum_t / self.n
+        n = self.n
+        return (
+            mu_s,
+            mu_t,
+            self.ss - n * torch.outer(mu_s, mu_s),
+            self.tt - n * torch.outer(mu_t, mu_t),
+            self.st - n * torch.outer(mu_s, mu_t),
+        )
 
 
 @dataclass
@@ -52,10 +120,11 @@ class LayerMap:
         return self.apply(x_s.double() - self.mu_s) + self.mu_t
 
 
-def top_right_singular(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The top-k right singular vectors of x [N, d] as columns [d, k] (k <= min(N, d))."""
-    _, _, vh = torch.linalg.svd(x, full_matrices=False)  # vh [min(N, d), d]
-    return vh[:k].T  # [d, k]
+def top_eigenvectors(gram: torch.Tensor, k: int) -> torch.Tensor:
+    """The top-k eigenvectors of a symmetric gram matrix [d, d] as columns [d, k], largest first: the top-k
+    right singular vectors of any X with X^T X = gram."""
+    _, vectors = torch.linalg.eigh(gram)  # ascending eigenvalues
+    return vectors.flip(-1)[:, :k]  # [d, k]
 
 
 def effective_rank(rank: int, n: int, d_s: int, d_t: int) -> int:
@@ -63,28 +132,62 @@ def effective_rank(rank: int, n: int, d_s: int, d_t: int) -> int:
     return min(rank, n, d_s, d_t)
 
 
-def fit_layer(x_s: torch.Tensor, x_t: torch.Tensor, rank: int, center: bool = False) -> LayerMap:
-    """Fit one layer's map on paired activations x_s [N, d_s], x_t [N, d_t] (float64 throughout)."""
-    if x_s.shape[0] != x_t.shape[0]:
-        raise ValueError(f"source and target activations disagree on N: {x_s.shape[0]} vs {x_t.shape[0]}")
+def ridge_lambda(ss_centred: torch.Tensor, ridge: float) -> float:
+    """λ = ridge x the mean diagonal of X_s^T X_s (its trace / d_s): a ridge relative to the activations'
+    own scale, so one value means the same across layers and models."""
+    return ridge * float(torch.trace(ss_centred)) / ss_centred.shape[0]
+
+
+def fit_moments(moments: Moments, rank: int, center: bool = False, ridge: float = 0.0) -> LayerMap:
+    """Fit one layer's map from the moments of its paired rows (float64 throughout)."""
     if rank < 1:
         raise ValueError(f"rank must be at least 1, got {rank}")
-    x_s, x_t = x_s.double(), x_t.double()
-    mu_s = x_s.mean(0) if center else x_s.new_zeros(x_s.shape[1])
-    mu_t = x_t.mean(0) if center else x_t.new_zeros(x_t.shape[1])
-    x_s, x_t = x_s - mu_s, x_t - mu_t
-    k = effective_rank(rank, x_s.shape[0], x_s.shape[1], x_t.shape[1])
-    v_s, v_t = top_right_singular(x_s, k), top_right_singular(x_t, k)  # [d_s, k], [d_t, k]
-    m = torch.linalg.pinv(x_s @ v_s) @ (x_t @ v_t)  # [k, N] @ [N, k] -> [k, k]
+    if ridge < 0 or not math.isfinite(ridge):
+        raise ValueError(f"ridge must be a finite number >= 0, got {ridge}")
+    mu_s, mu_t, ss, tt, st = moments.centred(center)
+    k = effective_rank(rank, moments.n, ss.shape[0], tt.shape[0])
+    v_s, v_t = top_eigenvectors(ss, k), top_eigenvectors(tt, k)  # [d_s, k], [d_t, k]
+    ata = v_s.T @ ss @ v_s  # [k, k] = A^T A, A = X_s V_s
+    atb = v_s.T @ st @ v_t  # [k, k] = A^T B, B = X_t V_t
+    if ridge == 0:
+        m = torch.linalg.pinv(ata, rtol=EIG_RTOL, hermitian=True) @ atb  # pinv(A) B = pinv(A^T A) A^T B
+    else:
+        lam = ridge_lambda(ss, ridge)
+        m = torch.linalg.solve(ata + lam * torch.eye(k, dtype=ata.dtype), atb)
     return LayerMap(v_s, m, v_t, mu_s, mu_t)
 
 
-def relative_error(layer_map: LayerMap, x_s: torch.Tensor, x_t: torch.Tensor) -> float:
-    """|X_t - X_s W| / |X_t| (Frobenius) on the given prompts; with centring both sides are centred with the
-    fit's means, so the error measures the map rather than how large the mean offset is."""
+def fit_layer(
+    x_s: torch.Tensor, x_t: torch.Tensor, rank: int, center: bool = False, ridge: float = 0.0
+) -> LayerMap:
+    """Fit one layer's map on paired activations x_s [N, d_s], x_t [N, d_t]."""
+    return fit_moments(Moments.of(x_s, x_t), rank, center, ridge)
+
+
+def residual_energy(layer_map: LayerMap, x_s: torch.Tensor, x_t: torch.Tensor) -> tuple[float, float]:
+    """(|X_t - X_s W|^2, |X_t|^2) (Frobenius) on the given rows, both sides centred with the fit's means."""
     target = x_t.double() - layer_map.mu_t
     residual = target - layer_map.apply(x_s.double() - layer_map.mu_s)
-    return float(residual.norm() / target.norm().clamp_min(1e-300))
+    return float(residual.square().sum()), float(target.square().sum())
+
+
+def relative_error(layer_map: LayerMap, x_s: torch.Tensor, x_t: torch.Tensor) -> float:
+    """|X_t - X_s W| / |X_t| on the given rows; with centring both sides are centred with the fit's means, so
+    the error measures the map rather than how large the mean offset is."""
+    residual, total = residual_energy(layer_map, x_s, x_t)
+    return math.sqrt(residual / max(total, 1e-300))
+
+
+@dataclass
+class FitSettings:
+    """How every layer's map is fit and scored."""
+
+    rank: int
+    center: bool = False
+    ridge: float = 0.0
+    holdout: float = 0.0  # fraction of texts left out of the fit, scored on
+    folds: int = 5  # with holdout 0: k-fold cross-validation over texts for the error (< 2: no error)
+    seed: int = 0
 
 
 @dataclass
@@ -94,11 +197,12 @@ class Alignment:
     target_layers: list[int]
     source_layers: list[int]  # depth_map of each target layer
     maps: list[LayerMap]
-    errors: list[float]  # held-out relative error per target layer (NaN when nothing was held out)
-    rank: int  # k actually used: effective_rank(rank asked, N fit, d_s, d_t)
-    center: bool
-    n_fit: int
-    n_holdout: int
+    errors: list[float]  # held-out relative error per target layer (NaN when none was measured)
+    error_kind: str  # "cv<k>" (k-fold over texts), "holdout" or "none"
+    rank: int  # k actually used: effective_rank(rank asked, rows fit, d_s, d_t)
+    n_fit: int  # texts fit on
+    n_holdout: int  # texts held out
+    n_pairs: int  # rows fit on (texts at the last token; token pairs otherwise)
 
     def target_directions(self, source_directions: torch.Tensor) -> torch.Tensor:
         """r_t = v_s[s(t)] V_s M V_t^T per steered layer: source [L_s, d_s] -> float32 [len(layers), d_t]."""
@@ -106,43 +210,80 @@ class Alignment:
         return torch.stack(rows).float()
 
 
-def align(
-    source_acts: torch.Tensor,
-    target_acts: torch.Tensor,
-    target_layers: list[int],
-    rank: int,
-    center: bool = False,
-    holdout: float = 0.2,
-    seed: int = 0,
-) -> Alignment:
-    """Fit the map of each target layer in ``target_layers``.
+def fit_and_score(
+    x_s: torch.Tensor, x_t: torch.Tensor, groups: torch.Tensor, n_texts: int, settings: FitSettings
+) -> tuple[LayerMap, float, str, int]:
+    """One layer: (map, held-out error, error kind, rows fit). Rows are split by their text (``groups``)."""
+    fit_texts, held_texts = split_indices(n_texts, settings.holdout, settings.seed)
+    held_rows = torch.isin(groups, held_texts)
+    fit_s, fit_t, fit_groups = x_s[~held_rows], x_t[~held_rows], groups[~held_rows]
+    if len(held_texts):
+        layer_map = fit_layer(fit_s, fit_t, settings.rank, settings.center, settings.ridge)
+        return layer_map, relative_error(layer_map, x_s[held_rows], x_t[held_rows]), "holdout", len(fit_s)
+    if settings.folds < 2:
+        return (
+            fit_layer(fit_s, fit_t, settings.rank, settings.center, settings.ridge),
+            math.nan,
+            "none",
+            len(fit_s),
+        )
+    fold_of = fold_of_texts(fit_texts, settings.folds, settings.seed)
+    fold = torch.tensor([fold_of[int(g)] for g in fit_groups.tolist()], dtype=torch.long)  # [P]
+    parts = [Moments.of(fit_s[fold == f], fit_t[fold == f]) for f in range(settings.folds)]
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    residual = energy = 0.0
+    for f, part in enumerate(parts):
+        held_map = fit_moments(total - part, settings.rank, settings.center, settings.ridge)
+        r, e = residual_energy(held_map, fit_s[fold == f], fit_t[fold == f])
+        residual, energy = residual + r, energy + e
+    layer_map = fit_moments(total, settings.rank, settings.center, settings.ridge)
+    return layer_map, math.sqrt(residual / max(energy, 1e-300)), f"cv{settings.folds}", len(fit_s)
 
-    source_acts [N, n_s, d_s] and target_acts [N, n_t, d_t] come from the same N locked prompts. The maps are
-    fit on a seeded random split of the prompts and the relative error is measured on the rest.
-    """
-    n, n_s, d_s = source_acts.shape
-    if target_acts.shape[0] != n:
-        raise ValueError(
-            f"source has {n} prompts but target has {target_acts.shape[0]}; they must be the same"
-        )
-    n_t, d_t = target_acts.shape[1:]
-    fit, held = split_indices(n, holdout, seed)
-    source_layers = [depth_map(t, n_s, n_t) for t in target_layers]
+
+def align(
+    rows: RowsFn,
+    n_texts: int,
+    source_num_layers: int,
+    target_num_layers: int,
+    target_layers: list[int],
+    settings: FitSettings,
+) -> Alignment:
+    """Fit the map of each target layer in ``target_layers`` from ``rows(s, t)``, the paired rows of source
+    layer s and target layer t (with their text indices, 0..n_texts-1)."""
+    source_layers = [depth_map(t, source_num_layers, target_num_layers) for t in target_layers]
     maps, errors = [], []
+    kind, n_pairs, d_s, d_t = "none", 0, 0, 0
     for t, s in zip(target_layers, source_layers, strict=True):
-        layer_map = fit_layer(source_acts[fit, s], target_acts[fit, t], rank, center)
+        x_s, x_t, groups = rows(s, t)
+        layer_map, error, kind, n_pairs = fit_and_score(x_s, x_t, groups, n_texts, settings)
         maps.append(layer_map)
-        has_held = len(held) > 0
-        errors.append(
-            relative_error(layer_map, source_acts[held, s], target_acts[held, t]) if has_held else math.nan
-        )
+        errors.append(error)
+        d_s, d_t = x_s.shape[1], x_t.shape[1]
+    n_hold = len(split_indices(n_texts, settings.holdout, settings.seed)[1])
     return Alignment(
         target_layers,
         source_layers,
         maps,
         errors,
-        effective_rank(rank, len(fit), d_s, d_t),
-        center,
-        len(fit),
-        len(held),
+        kind,
+        effective_rank(settings.rank, n_pairs, d_s, d_t),
+        n_texts - n_hold,
+        n_hold,
+        n_pairs,
     )
+
+
+def align_activations(
+    source_acts: torch.Tensor, target_acts: torch.Tensor, target_layers: list[int], settings: FitSettings
+) -> Alignment:
+    """`align` on last-token activations source [N, n_s, d_s] and target [N, n_t, d_t]: one row per text."""
+    n = source_acts.shape[0]
+    if target_acts.shape[0] != n:
+        raise ValueError(
+            f"source has {n} prompts but target has {target_acts.shape[0]}; they must be the same"
+        )
+    texts = torch.arange(n)
+    rows: RowsFn = lambda s, t: (source_acts[:, s], target_acts[:, t], texts)  # noqa: E731
+    return align(rows, n, source_acts.shape[1], target_acts.shape[1], target_layers, settings)

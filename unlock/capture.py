@@ -1,4 +1,4 @@
-"""Load a Hugging Face causal LM and read its residual stream at the last prompt token.
+"""Load a Hugging Face causal LM and read its residual stream at the last prompt token (or at every token).
 
 The stream after decoder layer l is that layer's output, taken with a forward hook. (``output_hidden_states``
 is not used: in transformers its last entry is the stream after the final norm, not after the last layer.)
@@ -9,7 +9,7 @@ from the attention mask, so a padded row sees the same positions as the prompt r
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -112,18 +112,18 @@ def stream_of(output) -> torch.Tensor:
 
 
 @torch.no_grad()
-def capture_last_token(
-    lm: LoadedModel, prompts: Sequence[str], batch_size: int = 8, chat: bool = False, desc: str | None = None
-) -> torch.Tensor:
-    """Residual stream after every decoder layer at each prompt's last token: float32 [N, layers, hidden]."""
+def hooked_batches(
+    lm: LoadedModel, prompts: Sequence[str], batch_size: int, chat: bool, desc: str | None
+) -> Iterator[tuple[list[list[int]], list[torch.Tensor]]]:
+    """Run the prompts in left-padded batches; yield each batch's token ids and, per decoder layer, its
+    output stream [B, T, hidden] (model dtype, on the model's device; T = the batch's longest prompt)."""
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
-    rows: list[torch.Tensor] = []  # per batch: [B, num_layers, hidden]
     current: list[torch.Tensor | None] = [None] * lm.num_layers
 
     def make_hook(index: int):
         def hook(module, args, output):
-            current[index] = stream_of(output)[:, -1, :].float().cpu()  # [B, hidden]
+            current[index] = stream_of(output)
 
         return hook
 
@@ -141,22 +141,60 @@ def capture_last_token(
                 use_cache=False,
                 **extra,
             )
-            rows.append(torch.stack(current, dim=1))  # [B, num_layers, hidden]
+            yield ids, list(current)  # type: ignore[arg-type]
     finally:
         for handle in handles:
             handle.remove()
+
+
+def capture_last_token(
+    lm: LoadedModel, prompts: Sequence[str], batch_size: int = 8, chat: bool = False, desc: str | None = None
+) -> torch.Tensor:
+    """Residual stream after every decoder layer at each prompt's last token: float32 [N, layers, hidden]."""
+    rows = [
+        torch.stack([s[:, -1, :].float().cpu() for s in streams], dim=1)  # [B, num_layers, hidden]
+        for _, streams in hooked_batches(lm, prompts, batch_size, chat, desc)
+    ]
     acts = torch.cat(rows)  # [N, num_layers, hidden]
     check_finite(acts, lm.name)
     return acts
 
 
-def check_finite(acts: torch.Tensor, model_name: str) -> None:
-    """Refuse NaN/Inf activations, naming the first bad layer and prompts (broken weights, dtype overflow)."""
-    bad = ~torch.isfinite(acts).all(dim=-1)  # [N, num_layers]
+def capture_all_positions(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    batch_size: int = 8,
+    chat: bool = False,
+    desc: str | None = None,
+    dtype: torch.dtype = torch.float16,
+) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Every prompt token's stream after every layer: the token ids per prompt, and per layer the rows of all
+    prompts one after the other, [sum of prompt lengths, hidden] in ``dtype`` (float16 halves the memory of
+    all-position captures; values past its range are refused, not clipped)."""
+    all_ids: list[list[int]] = []
+    per_layer: list[list[torch.Tensor]] = [[] for _ in range(lm.num_layers)]
+    for ids, streams in hooked_batches(lm, prompts, batch_size, chat, desc):
+        width = streams[0].shape[1]
+        all_ids.extend(ids)
+        for layer, stream in enumerate(streams):
+            rows = [stream[b, width - len(seq) :] for b, seq in enumerate(ids)]  # the padding is left
+            per_layer[layer].append(torch.cat(rows).to(dtype).cpu())  # [sum T_b, hidden]
+    layers = [torch.cat(chunks) for chunks in per_layer]
+    check_finite(torch.stack(layers, dim=1), lm.name, rows_of=[len(i) for i in all_ids])
+    return all_ids, layers
+
+
+def check_finite(acts: torch.Tensor, model_name: str, rows_of: list[int] | None = None) -> None:
+    """Refuse NaN/Inf activations [rows, layers, hidden], naming the first bad layer and prompts (broken
+    weights, dtype overflow). ``rows_of``: the number of rows of each prompt, when a prompt has several."""
+    bad = ~torch.isfinite(acts).all(dim=-1)  # [rows, num_layers]
     if bad.any():
-        prompts_hit, layers_hit = bad.nonzero(as_tuple=True)
+        rows_hit, layers_hit = bad.nonzero(as_tuple=True)
         first_layer = int(layers_hit.min())
-        rows = sorted({int(p) for p in prompts_hit[layers_hit == first_layer]})
+        hit = rows_hit[layers_hit == first_layer]
+        if rows_of is not None:  # row -> prompt
+            hit = torch.bucketize(hit, torch.tensor(rows_of).cumsum(0), right=True)
+        rows = sorted({int(p) for p in hit})
         raise ValueError(
             f"non-finite activations (NaN/Inf) from {model_name!r} at decoder layer {first_layer} "
             f"for prompts "

@@ -17,8 +17,10 @@ from unlock._version import __version__
 from unlock.artifacts import Capability
 from unlock.directions import AGGREGATIONS
 from unlock.ops import MODES
+from unlock.pairing import POSITIONS
 from unlock.pipeline import (
     AlignConfig,
+    CaptureConfig,
     ExtractConfig,
     Extracted,
     ModelCache,
@@ -26,6 +28,7 @@ from unlock.pipeline import (
     Timer,
     check_build,
     run_align,
+    run_capture,
     run_extract,
 )
 
@@ -64,12 +67,52 @@ def add_extract_options(parser: argparse.ArgumentParser) -> None:
 def add_align_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("alignment and artifact")
     group.add_argument("--target", required=True, help="the model to steer")
-    group.add_argument("--rank", type=int, default=32, help="k = min(rank, N)")
+    group.add_argument("--rank", type=int, default=32, help="k = min(rank, pairs, hidden sizes) (default 32)")
     group.add_argument("--center", action="store_true", help="centre activations before the fit")
     group.add_argument(
-        "--holdout", type=float, default=0.2, help="fraction of prompts held out for the error"
+        "--ridge",
+        type=float,
+        default=0.0,
+        help="ridge on M, relative to the mean diagonal of X_s^T X_s (default 0: the paper's pinv)",
     )
-    group.add_argument("--seed", type=int, default=0, help="seed of the fit/held-out split")
+    group.add_argument(
+        "--align-positions",
+        choices=POSITIONS,
+        default="last",
+        help="pair the streams at the last prompt token (default, the paper's) or at every token both "
+        "tokenizations end at the same character",
+    )
+    group.add_argument(
+        "--align-data", help="JSONL alignment corpus, apart from the extraction prompts (default: those)"
+    )
+    group.add_argument("--align-field", default="question", help="the text field of --align-data")
+    group.add_argument("--align-n", type=int, help="the first N texts of --align-data (default: all)")
+    group.add_argument(
+        "--align-template", help="template of the alignment texts: direct, cot, plain, FILE (default: locked)"
+    )
+    group.add_argument(
+        "--align-skip",
+        type=int,
+        default=2,
+        help="with --align-positions all: leave out each text's first N positions (sinks; default 2)",
+    )
+    group.add_argument(
+        "--capture-dir", help="with --align-positions all: keep the captures here and reuse them (resumable)"
+    )
+    group.add_argument(
+        "--holdout",
+        type=float,
+        default=0.0,
+        help="fraction of alignment texts left out of the fit and scored on (default 0: fit on every text)",
+    )
+    group.add_argument(
+        "--cv-folds",
+        type=int,
+        default=5,
+        help="with --holdout 0: held-out error by k-fold cross-validation over whole texts (default 5; "
+        "0: none)",
+    )
+    group.add_argument("--seed", type=int, default=0, help="seed of the held-out split and of the folds")
     group.add_argument("--layers", default="all", help="target layers: all, 4-12, 0,2,5, -1 (default all)")
     group.add_argument("--mode", choices=MODES, default="rotate")
     group.add_argument("--strength", type=float, default=0.1, help="default strength")
@@ -92,6 +135,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_extract_options(extract)
     extract.add_argument("-o", "--output", required=True, help="intermediate file to write (.safetensors)")
     add_model_options(extract)
+
+    capture = commands.add_parser(
+        "capture", help="every token's stream of one model on a corpus, into a resumable store"
+    )
+    capture.add_argument("--model", required=True)
+    capture.add_argument("--data", required=True, help="JSONL file, one object per line")
+    capture.add_argument("--field", default="question", help="the field holding the text")
+    capture.add_argument("-n", type=int, default=None, help="the first N records (default: all)")
+    capture.add_argument("--template", default="direct", help="direct, cot, plain, or a file with {question}")
+    capture.add_argument(
+        "--capture-dir", required=True, help="store root; chunks already there are kept (resumes)"
+    )
+    add_model_options(capture)
 
     align = commands.add_parser("align", help="map an `unlock extract` file into a target: the capability")
     align.add_argument("--extracted", required=True, help="file written by `unlock extract`")
@@ -127,6 +183,14 @@ def cmd_extract(args: argparse.Namespace, timer: Timer) -> None:
     with timer.stage("write"):
         extracted.save(args.output)
     print(f"wrote {args.output}: directions for {extracted.directions.shape[0]} source layers")
+    print(timer.report())
+
+
+def cmd_capture(args: argparse.Namespace, timer: Timer) -> None:
+    models = ModelCache(pick(ModelOptions, args), timer)
+    chunks = run_capture(pick(CaptureConfig, args), models)
+    tokens = sum(len(ids) for chunk in chunks for ids in chunk.ids)
+    print(f"{len(chunks)} chunks, {tokens} tokens in {chunks[0].path.parent if chunks else args.capture_dir}")
     print(timer.report())
 
 
@@ -167,9 +231,18 @@ def describe(capability: Capability) -> str:
     if "source_locked" in meta:
         lines.append(f"source      locked {meta['source_locked']}, unlocked {meta.get('source_unlocked')}")
         lines.append(
-            f"method      N={meta.get('n')} (fit {meta.get('n_fit')}, held out {meta.get('n_holdout')}), "
-            f"rank {meta.get('rank')}, {meta.get('aggregation')}, center={meta.get('center')}, "
+            f"method      N={meta.get('n')}, {meta.get('aggregation')}, "
             f"templates {meta.get('locked_template')} -> {meta.get('unlocked_template')}"
+        )
+    if meta.get("alignment") == "identity":
+        lines.append("alignment   identity (the target is the source-locked model: its own directions)")
+    elif "rank" in meta:
+        lines.append(
+            f"alignment   {meta.get('align_positions', 'last')} positions of "
+            f"{meta.get('align_n', meta.get('n'))} texts ({meta.get('align_data', 'extraction prompts')}): "
+            f"{meta.get('n_pairs', meta.get('n_fit'))} pairs; fit on {meta.get('n_fit')} texts, "
+            f"{meta.get('n_holdout')} held out; rank {meta.get('rank')}, ridge {meta.get('ridge', '0.0')}, "
+            f"center={meta.get('center')}; error: {meta.get('error_kind', 'holdout')}"
         )
     lines.append(f"version     unlock {meta['unlock_version']}")
     errors = capability.alignment_errors or [math.nan] * len(capability.layers)
@@ -241,8 +314,8 @@ def cmd_generate(args: argparse.Namespace, timer: Timer) -> None:
             print(result.text)
 
 
-COMMANDS = {"build": cmd_build, "extract": cmd_extract, "align": cmd_align, "inspect": cmd_inspect,
-            "generate": cmd_generate}  # fmt: skip
+COMMANDS = {"build": cmd_build, "extract": cmd_extract, "capture": cmd_capture, "align": cmd_align,
+            "inspect": cmd_inspect, "generate": cmd_generate}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

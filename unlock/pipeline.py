@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,13 +16,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
 from unlock._version import __version__
-from unlock.align import align, split_indices
+from unlock.align import FitSettings, RowsFn, align, split_indices
 from unlock.artifacts import Capability, TargetInfo, read_header_metadata, serialize, write_atomic
 from unlock.capture import LoadedModel, capture_last_token, format_prompts, load_model
 from unlock.data import load_questions
 from unlock.directions import extract_directions
 from unlock.layers import parse_layer_spec
 from unlock.ops import MODES
+from unlock.pairing import POSITIONS, corpus_pairs
+from unlock.streams import Chunk, capture_streams, load_layer
 from unlock.templates import load_template, template_label
 
 EXTRACTED_TAG = "unlock.extracted"
@@ -78,12 +81,33 @@ class AlignConfig:
     name: str
     rank: int = 32
     center: bool = False
-    holdout: float = 0.2
+    ridge: float = 0.0  # relative ridge (unlock.align.ridge_lambda); 0: the paper's pseudo-inverse
+    holdout: float = 0.0  # fraction of alignment texts left out of the fit and scored on
+    cv_folds: int = 5  # with holdout 0: the error by k-fold cross-validation over texts (< 2: none)
     seed: int = 0
+    align_positions: str = "last"  # "all": pair the streams at every shared token boundary
+    align_data: str | None = None  # alignment corpus (JSONL); None: the extraction prompts
+    align_field: str = "question"
+    align_n: int | None = None  # first N texts of the corpus; None: all
+    align_template: str | None = None  # None: the extraction's locked template
+    align_skip: int = 2  # first positions left out of token-level pairs (attention sinks)
+    capture_dir: str | None = None  # all-position store (resumable, reused); None: a temporary one
     layers: str = "all"
     mode: str = "rotate"
     strength: float = 0.1
     store: str = "factors"  # or "directions": dense target directions
+
+
+@dataclass
+class CaptureConfig:
+    """`unlock capture`: every token's stream of one model on a corpus, into a resumable store."""
+
+    model: str
+    data: str
+    capture_dir: str
+    field: str = "question"
+    n: int | None = None  # None: every record
+    template: str = "direct"
 
 
 @dataclass
@@ -146,8 +170,40 @@ def check_build(extract: ExtractConfig, align_config: AlignConfig, models: Model
     load_template(extract.locked_template)
     load_template(extract.unlocked_template)
     n = len(load_questions(extract.data, extract.field, extract.n))
-    split_indices(n, align_config.holdout, align_config.seed)
+    check_align(align_config, n)
     parse_layer_spec(align_config.layers, models.get(align_config.target).num_layers)
+
+
+def check_align(config: AlignConfig, n_extract: int) -> int:
+    """Check the alignment settings; returns the number of alignment texts."""
+    if config.align_positions not in POSITIONS:
+        raise ValueError(f"unknown --align-positions {config.align_positions!r}; expected one of {POSITIONS}")
+    if config.align_skip < 0:
+        raise ValueError(f"--align-skip must be >= 0, got {config.align_skip}")
+    if config.ridge < 0 or not math.isfinite(config.ridge):
+        raise ValueError(f"--ridge must be a finite number >= 0, got {config.ridge}")
+    if config.align_template is not None:
+        load_template(config.align_template)
+    if config.align_data is not None:
+        n = len(load_questions(config.align_data, config.align_field, config.align_n))
+    elif config.align_n is not None:
+        raise ValueError("--align-n needs --align-data (the extraction prompts are all used)")
+    else:
+        n = n_extract
+    n_fit = len(split_indices(n, config.holdout, config.seed)[0])
+    if config.holdout == 0 and config.cv_folds >= 2 and config.cv_folds > n_fit:
+        raise ValueError(
+            f"--cv-folds {config.cv_folds} needs at least {config.cv_folds} alignment texts, there are "
+            f"{n_fit}; "
+            "lower it, or use --cv-folds 0 for no held-out error"
+        )
+    return n
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two model names point at the same model (folders compared by their resolved paths)."""
+    pa, pb = Path(a), Path(b)
+    return pa.resolve() == pb.resolve() if pa.exists() and pb.exists() else a == b
 
 
 def run_extract(config: ExtractConfig, models: ModelCache) -> Extracted:
@@ -198,12 +254,107 @@ def run_extract(config: ExtractConfig, models: ModelCache) -> Extracted:
     return Extracted(directions, locked_acts, metadata)
 
 
-def run_align(extracted: Extracted, config: AlignConfig, models: ModelCache) -> tuple[Capability, list[int]]:
-    """Capture the target on the locked prompts, fit each steered layer's map and package the capability.
+def run_capture(config: CaptureConfig, models: ModelCache) -> list[Chunk]:
+    """Fill the store of ``config.model`` with its streams on the corpus (chunks already there are kept)."""
+    opts = models.options
+    template = load_template(config.template)
+    questions = load_questions(config.data, config.field, config.n)
+    lm = models.get(config.model)
+    prompts = format_prompts(lm.tokenizer, questions, template, opts.chat)
+    with models.timer.stage("capture"):
+        return capture_streams(lm, prompts, config.capture_dir, opts.batch_size, opts.chat)
 
-    Returns the capability and the source layer each steered target layer was mapped from.
-    """
+
+def alignment_rows(
+    extracted: Extracted, config: AlignConfig, target: LoadedModel, models: ModelCache, stack: ExitStack
+) -> tuple[RowsFn, int, dict[str, str]]:
+    """The paired rows the maps are fit on (`unlock.align.RowsFn`), the number of texts, and the metadata that
+    says where they came from. Captures the target, and the source too on a corpus of its own or at every
+    token."""
     opts, timer = models.options, models.timer
+    chat = extracted.metadata["chat_template"] == "true"
+    if config.align_data is None:
+        texts = extracted.questions
+    else:
+        texts = load_questions(config.align_data, config.align_field, config.align_n)
+    template = (
+        extracted.metadata["locked_template_text"]
+        if config.align_template is None
+        else load_template(config.align_template)
+    )
+    meta = {
+        "align_positions": config.align_positions,
+        "align_data": "extraction prompts" if config.align_data is None else Path(config.align_data).name,
+        "align_field": extracted.metadata["field"] if config.align_data is None else config.align_field,
+        "align_template": (
+            extracted.metadata["locked_template"]
+            if config.align_template is None
+            else template_label(config.align_template)
+        ),
+        "align_n": str(len(texts)),
+    }
+    reuse_source = config.align_data is None and config.align_positions == "last"
+    source = None if reuse_source else models.get(extracted.metadata["source_locked"])
+    if source is not None and str(source.num_layers) != extracted.metadata["source_num_layers"]:
+        raise ValueError(f"source {source.name!r} no longer has the shape recorded in the extracted file")
+    if config.align_positions == "last":
+        with timer.stage("capture target"):
+            prompts = format_prompts(target.tokenizer, texts, template, chat)
+            target_acts = capture_last_token(target, prompts, opts.batch_size, chat, "target")
+        if source is None:
+            source_acts = extracted.locked_acts
+        else:
+            with timer.stage("capture source on the alignment texts"):
+                prompts = format_prompts(source.tokenizer, texts, template, chat)
+                source_acts = capture_last_token(source, prompts, opts.batch_size, chat, "source")
+        index = torch.arange(len(texts))
+        rows: RowsFn = lambda s, t: (source_acts[:, s], target_acts[:, t], index)  # noqa: E731
+        return rows, len(texts), meta
+    assert source is not None
+    prompts = format_prompts(source.tokenizer, texts, template, chat)
+    if prompts != format_prompts(target.tokenizer, texts, template, chat):
+        raise ValueError(
+            "--align-positions all pairs tokens by character offset in one text, but the two chat templates "
+            "make different texts; drop --chat-template or use --align-positions last"
+        )
+    root = config.capture_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="unlock-streams-"))
+    with timer.stage("capture source, all positions"):
+        chunks_s = capture_streams(source, prompts, root, opts.batch_size, chat)
+    with timer.stage("capture target, all positions"):
+        chunks_t = capture_streams(target, prompts, root, opts.batch_size, chat)
+    ends_s = [e for chunk in chunks_s for e in chunk.ends]
+    ends_t = [e for chunk in chunks_t for e in chunk.ends]
+    pairs = corpus_pairs(prompts, ends_s, ends_t, config.align_skip)
+    src_rows, tgt_rows, groups = flat_rows(pairs, [len(e) for e in ends_s], [len(e) for e in ends_t])
+    meta["align_skip"] = str(config.align_skip)
+    rows = lambda s, t: (  # noqa: E731
+        load_layer(chunks_s, s)[src_rows],
+        load_layer(chunks_t, t)[tgt_rows],
+        groups,
+    )
+    return rows, len(texts), meta
+
+
+def flat_rows(
+    pairs: list[list[tuple[int, int]]], lengths_s: list[int], lengths_t: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-text position pairs -> rows of the concatenated streams: (source rows, target rows, text), [P]."""
+    start_s = [0, *torch.tensor(lengths_s).cumsum(0).tolist()]
+    start_t = [0, *torch.tensor(lengths_t).cumsum(0).tolist()]
+    src = [start_s[k] + i for k, text in enumerate(pairs) for i, _ in text]
+    tgt = [start_t[k] + j for k, text in enumerate(pairs) for _, j in text]
+    groups = [k for k, text in enumerate(pairs) for _ in text]
+    return torch.tensor(src, dtype=torch.long), torch.tensor(tgt, dtype=torch.long), torch.tensor(groups)
+
+
+def run_align(extracted: Extracted, config: AlignConfig, models: ModelCache) -> tuple[Capability, list[int]]:
+    """Fit each steered layer's map (capturing what it needs) and package the capability.
+
+    When the target is the source-locked model itself, no map is fit: the identity stores the source's own
+    directions (a self-map fit on few prompts would only lose part of them). Returns the capability and the
+    source layer each steered target layer was mapped from.
+    """
+    timer = models.timer
     if config.mode not in MODES:
         raise ValueError(f"unknown mode {config.mode!r}; expected one of {MODES}")
     if not math.isfinite(config.strength):
@@ -212,45 +363,47 @@ def run_align(extracted: Extracted, config: AlignConfig, models: ModelCache) -> 
         raise ValueError(f"unknown --store {config.store!r}; expected 'factors' or 'directions'")
     target = models.get(config.target)
     layers = parse_layer_spec(config.layers, target.num_layers)
-    chat = extracted.metadata["chat_template"] == "true"
-    with timer.stage("capture target"):
-        prompts = format_prompts(
-            target.tokenizer, extracted.questions, extracted.metadata["locked_template_text"], chat
-        )
-        target_acts = capture_last_token(target, prompts, opts.batch_size, chat, "target")
-    with timer.stage("align"):
-        fitted = align(
-            extracted.locked_acts,
-            target_acts,
-            layers,
-            config.rank,
-            config.center,
-            config.holdout,
-            config.seed,
-        )
-        directions = fitted.target_directions(extracted.directions)  # [len(layers), d_t]
-    if config.mode == "rotate" and (directions.norm(dim=-1) == 0).any():
-        raise ValueError(
-            "a mapped direction is zero (the source direction is orthogonal to the map); try more -n"
-        )
+    info = TargetInfo(target.architecture, target.num_layers, target.hidden_size, target.name)
+    common = dict(layers=layers, mode=config.mode, default_strength=config.strength, target=info)
     meta = {key: extracted.metadata[key] for key in CARRIED_KEYS}
+    if same_model(extracted.metadata["source_locked"], target.name):
+        if extracted.directions.shape != (target.num_layers, target.hidden_size):
+            raise ValueError(f"the extracted directions do not fit {target.name!r}, though it is the source")
+        directions = extracted.directions[layers]
+        check_directions(directions, config.mode)
+        meta.update(alignment="identity", source_layers=json.dumps(layers))
+        return Capability.from_directions(config.name, directions, **common, metadata=meta), layers
+    check_align(config, len(extracted.questions))
+    settings = FitSettings(
+        config.rank, config.center, config.ridge, config.holdout, config.cv_folds, config.seed
+    )
+    with ExitStack() as stack:
+        rows, n_texts, align_meta = alignment_rows(extracted, config, target, models, stack)
+        with timer.stage("align"):
+            fitted = align(rows, n_texts, int(meta["source_num_layers"]), target.num_layers, layers, settings)
+            directions = fitted.target_directions(extracted.directions)  # [len(layers), d_t]
+    check_directions(directions, config.mode)
+    meta.update(align_meta)
     meta.update(
+        alignment="fit",
         source_layers=json.dumps(fitted.source_layers),
         n_fit=str(fitted.n_fit),
         n_holdout=str(fitted.n_holdout),
+        n_pairs=str(fitted.n_pairs),
         split_seed=str(config.seed),
         rank=str(fitted.rank),
         rank_requested=str(config.rank),
         center=str(config.center).lower(),
+        ridge=repr(float(config.ridge)),
+        cv_folds=str(config.cv_folds),
+        error_kind=fitted.error_kind,
     )
-    if fitted.n_holdout:
+    if fitted.error_kind != "none":
         meta["alignment_errors"] = json.dumps([round(e, 6) for e in fitted.errors])
-    info = TargetInfo(target.architecture, target.num_layers, target.hidden_size, target.name)
-    common = dict(
-        layers=layers, mode=config.mode, default_strength=config.strength, target=info, metadata=meta
-    )
     if config.store == "directions":
-        return Capability.from_directions(config.name, directions, **common), fitted.source_layers
+        return Capability.from_directions(
+            config.name, directions, **common, metadata=meta
+        ), fitted.source_layers
     maps = fitted.maps
     factors = (
         extracted.directions[fitted.source_layers],  # [L, d_s]
@@ -258,7 +411,14 @@ def run_align(extracted: Extracted, config: AlignConfig, models: ModelCache) -> 
         torch.stack([m.m for m in maps]),  # [L, k, k]
         torch.stack([m.v_t for m in maps]),  # [L, d_t, k]
     )
-    return Capability.from_factors(config.name, *factors, **common), fitted.source_layers
+    return Capability.from_factors(config.name, *factors, **common, metadata=meta), fitted.source_layers
+
+
+def check_directions(directions: torch.Tensor, mode: str) -> None:
+    if mode == "rotate" and (directions.norm(dim=-1) == 0).any():
+        raise ValueError(
+            "a target direction is zero (the source direction is orthogonal to the map); try more -n"
+        )
 
 
 # Settings of the extraction step that the capability records as they are.

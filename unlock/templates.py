@@ -22,6 +22,7 @@ BUILTIN_TEMPLATES = {
         f"written between {ANSWER_OPEN} and {ANSWER_CLOSE}.\n\nQuestion: {PLACEHOLDER}\n"
         "Answer: Let's think step by step.\n"
     ),
+    "plain": PLACEHOLDER,  # the text as it is: for an alignment corpus of passages
 }
 
 

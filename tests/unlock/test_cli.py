@@ -51,7 +51,12 @@ def test_build_writes_a_valid_artifact_and_reports_time(built, tiny_source_model
     assert meta["source_locked"] == str(tiny_source_model) and meta["target_name"] == str(tiny_target_model)
     assert (meta["source_num_layers"], meta["source_hidden_size"]) == ("6", "128")
     assert json.loads(meta["source_layers"]) == [1, 3, 5]  # depth map 6 -> 4 layers
-    assert (meta["n"], meta["n_fit"], meta["n_holdout"], meta["rank"]) == ("24", "19", "5", "8")
+    # The default fits on every text and measures the error by 5-fold cross-validation over texts.
+    assert (meta["n"], meta["n_fit"], meta["n_holdout"], meta["rank"]) == ("24", "24", "0", "8")
+    assert (meta["error_kind"], meta["cv_folds"], meta["ridge"], meta["alignment"]) == ("cv5", "5", "0.0", "fit")
+    assert (meta["align_positions"], meta["align_data"], meta["align_n"], meta["n_pairs"]) == (
+        "last", "extraction prompts", "24", "24",
+    )  # fmt: skip
     assert (meta["locked_template"], meta["unlocked_template"], meta["center"]) == ("direct", "cot", "false")
     errors = capability.alignment_errors
     assert len(errors) == 3 and all(0 < e < 10 for e in errors)
@@ -162,7 +167,12 @@ def assert_refused(argv: list[str], capsys, message: str, out: Path | None = Non
         ('{"question": "a"}\n{"question": "b"}\n', ["-n", "3"], "holds 2 records, fewer than -n 3"),
         (None, ["--locked-template", "socratic"], "unknown template 'socratic'"),
         (None, ["--layers", "7"], "out of range for a model with 4 layers"),
-        (None, ["-n", "1"], "cannot hold out 20% of 1 prompts"),
+        (None, ["-n", "1", "--holdout", "0.2"], "cannot hold out 20% of 1 texts"),
+        (None, ["-n", "3"], "--cv-folds 5 needs at least 5 alignment texts, there are 3"),
+        (None, ["--ridge", "-1"], "--ridge must be a finite number >= 0"),
+        (None, ["--align-n", "4"], "--align-n needs --align-data"),
+        (None, ["--align-data", "/nonexistent.jsonl"], "data file '/nonexistent.jsonl' does not exist"),
+        (None, ["--align-template", "socratic"], "unknown template 'socratic'"),
     ],
 )
 def test_bad_build_input(tmp_path, capsys, tiny_source_model, tiny_target_model, data, extra, message):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from unlock.align import align, depth_map, fit_layer, split_indices
+from unlock.align import FitSettings, align_activations, depth_map, fit_layer, split_indices
 from unlock.directions import extract_directions
 from unlock.layers import parse_layer_spec
 
@@ -114,8 +114,8 @@ def test_align_uses_the_mapped_source_layer_across_sizes_and_depths():
         z = rng.normal(size=(n, latent))
         source[:, depth_map(t, n_s, n_t)] = z @ rng.normal(size=(latent, d_s))
         target[:, t] = z @ rng.normal(size=(latent, d_t))
-    fitted = align(
-        torch.tensor(source), torch.tensor(target), [0, 1, 2, 3], rank=latent, holdout=0.25, seed=3
+    fitted = align_activations(
+        torch.tensor(source), torch.tensor(target), [0, 1, 2, 3], FitSettings(latent, holdout=0.25, seed=3)
     )
     assert fitted.source_layers == [0, 1, 3, 5]
     assert (fitted.n_fit, fitted.n_holdout, fitted.rank) == (45, 15, latent)
@@ -139,7 +139,9 @@ def test_exact_linear_relation_is_recovered_on_held_out_data():
     x_s = rng.normal(size=(n, 2, d))
     x_t = x_s @ a  # both layers related by the same A
     for rank in (d, 64):  # k = min(rank, N) and never above the hidden size
-        fitted = align(torch.tensor(x_s), torch.tensor(x_t), [0, 1], rank=rank, holdout=0.25)
+        fitted = align_activations(
+            torch.tensor(x_s), torch.tensor(x_t), [0, 1], FitSettings(rank, holdout=0.25)
+        )
         assert fitted.rank == d
         for layer_map, error in zip(fitted.maps, fitted.errors, strict=True):
             np.testing.assert_allclose(as_dense(layer_map), a, atol=1e-8)
@@ -150,8 +152,9 @@ def test_target_directions_apply_the_map_to_the_mapped_source_direction():
     n, n_s, n_t, d_s, d_t = 30, 5, 3, 12, 9
     source, target = rng.normal(size=(n, n_s, d_s)), rng.normal(size=(n, n_t, d_t))
     directions = rng.normal(size=(n_s, d_s))
-    fitted = align(torch.tensor(source), torch.tensor(target), [0, 2], rank=4, center=True, holdout=0.0)
-    assert fitted.n_holdout == 0 and all(math.isnan(e) for e in fitted.errors)
+    settings = FitSettings(4, center=True, holdout=0.0, folds=0)
+    fitted = align_activations(torch.tensor(source), torch.tensor(target), [0, 2], settings)
+    assert fitted.n_holdout == 0 and fitted.error_kind == "none" and all(math.isnan(e) for e in fitted.errors)
     got = fitted.target_directions(torch.tensor(directions))
     for row, (t, s) in enumerate(zip([0, 2], [0, 4], strict=True)):
         w = dense_map(source[:, s], target[:, t], 4, center=True)
