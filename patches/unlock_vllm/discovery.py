@@ -11,8 +11,9 @@ from torch import nn
 
 
 def _has_attention(module: nn.Module) -> bool:
-    from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+    from unlock_vllm import seams
 
+    AttentionLayerBase = seams.get("AttentionLayerBase")
     return any(isinstance(m, AttentionLayerBase) for m in module.modules())
 
 
@@ -21,7 +22,9 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, int, list[tuple[int, nn.
 
     Raises ValueError when no list, or more than one outermost list, holds attention layers.
     """
-    from vllm.model_executor.models.utils import PPMissingLayer
+    from unlock_vllm import seams
+
+    PPMissingLayer = seams.get("PPMissingLayer")
 
     candidates: list[tuple[str, nn.ModuleList, list[tuple[int, nn.Module]]]] = []
     for name, module in model.named_modules():

@@ -65,7 +65,9 @@ def wire() -> None:
     """Wrap the helper in `kv_cache_utils` and rebind the name modules imported from it (idempotent)."""
     import importlib
 
-    from vllm.v1.core import kv_cache_utils
+    from unlock_vllm import seams
+
+    kv_cache_utils = seams.get("kv_cache_utils")
 
     original = kv_cache_utils.generate_block_hash_extra_keys
     if getattr(original, _WRAPPED, False):

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from unlock_vllm import seams
 from unlock_vllm.runners import STATE_ATTR, wrap
 
 
@@ -46,7 +47,6 @@ def _prepare_inputs(original):
 
 
 def wire() -> None:
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
+    GPUModelRunner = seams.get("RunnerV1")
     wrap(GPUModelRunner, "_update_states", _update_states)
     wrap(GPUModelRunner, "_prepare_inputs", _prepare_inputs)

@@ -12,6 +12,7 @@ requests back as new ones (their prompt plus output as prefill), so:
 
 from __future__ import annotations
 
+from unlock_vllm import seams
 from unlock_vllm.runners import STATE_ATTR, wrap
 
 
@@ -56,8 +57,7 @@ def _prepare_inputs(original):
 
 
 def wire() -> None:
-    from vllm.v1.worker.gpu.model_runner import GPUModelRunner
-
+    GPUModelRunner = seams.get("RunnerV2")
     wrap(GPUModelRunner, "finish_requests", _finish_requests)
     wrap(GPUModelRunner, "add_requests", _add_requests)
     wrap(GPUModelRunner, "prepare_inputs", _prepare_inputs)

@@ -13,10 +13,12 @@ import functools
 import logging
 from typing import Any
 
+from unlock_vllm import seams
 from unlock_vllm.config import read_config
 from unlock_vllm.discovery import find_decoder_layers
 from unlock_vllm.registry import Registry
 from unlock_vllm.state import SteeringState
+from unlock_vllm.steer_op import check_cuda_kernel
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's configured "vllm" logger
 
@@ -29,8 +31,8 @@ def wrap(cls: type, name: str, make: Any) -> None:
     original = cls.__dict__.get(name)
     if original is None:
         raise RuntimeError(
-            f"unlock: {cls.__module__}.{cls.__qualname__}.{name} does not exist in this vLLM version; "
-            f"the steering patch is wired against vLLM 0.32/0.33"
+            f"unlock: {cls.__module__}.{cls.__qualname__}.{name} does not exist in "
+            f"{seams.vllm_version()}; unlock-serve supports {seams.SUPPORTED}"
         )
     if getattr(original, _WRAPPED, False):
         return
@@ -39,19 +41,73 @@ def wrap(cls: type, name: str, make: Any) -> None:
     setattr(cls, name, wrapper)
 
 
-def wired_runner_classes() -> tuple[type, ...]:
-    from vllm.v1.worker.gpu.model_runner import GPUModelRunner as RunnerV2
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner as RunnerV1
+def wrap_property(cls: type, name: str, make: Any) -> None:
+    """Replace the getter of property `cls.name` by `make(original getter)`, once."""
+    original = cls.__dict__.get(name)
+    if not isinstance(original, property):
+        raise RuntimeError(f"unlock: {cls.__module__}.{cls.__qualname__}.{name} is not a property here")
+    if getattr(original.fget, _WRAPPED, False):
+        return
+    getter = functools.wraps(original.fget)(make(original.fget))
+    setattr(getter, _WRAPPED, True)
+    setattr(cls, name, property(getter))
 
-    return RunnerV1, RunnerV2
+
+def _needs_v2(vllm_config: Any) -> bool:
+    """Features for which vLLM itself forces Model Runner V2 (0.33: HiSparse, watermarking)."""
+    attention = getattr(vllm_config, "attention_config", None)
+    return (
+        getattr(attention, "hisparse_config", None) is not None
+        or getattr(vllm_config, "watermark_config", None) is not None
+    )
 
 
-def _refuse_unsupported(runner: Any) -> None:
-    """Features whose token layout is not known on the host when the indices are written."""
-    if getattr(runner, "pcp_manager", None) is not None:
-        raise RuntimeError("unlock: steering does not support prefill context parallelism")
-    if getattr(runner, "speculative_config", None) is not None:
-        raise RuntimeError("unlock: steering does not support speculative decoding")
+def _choose_runner(original):
+    """A steering engine runs the runner its `additional_config["unlock"]["model_runner"]` names; every
+    other engine keeps vLLM's own choice (a property of the engine's config, so no process-wide switch)."""
+
+    def use_v2_model_runner(self):
+        config = read_config(self)
+        if config is None or config.model_runner == "auto" or _needs_v2(self):
+            return original(self)
+        return config.model_runner == "v2"
+
+    return use_v2_model_runner
+
+
+def wired_runner_classes(model_runner: str = "auto") -> tuple[type, ...]:
+    runners = {"v1": (seams.get("RunnerV1"),), "v2": (seams.get("RunnerV2"),)}
+    return runners.get(model_runner, runners["v1"] + runners["v2"])
+
+
+def unsupported_features(vllm_config: Any) -> list[str]:
+    """Engine features steering refuses: their token layout is settled on the device, or they re-slice the
+    batch after the per-token indices are laid out (micro-batch 2 would read micro-batch 1's rows)."""
+    parallel = vllm_config.parallel_config
+    found = []
+    if getattr(parallel, "prefill_context_parallel_size", 1) > 1:
+        found.append("prefill context parallelism (--prefill-context-parallel-size > 1)")
+    if getattr(vllm_config, "speculative_config", None) is not None:
+        found.append("speculative decoding (--speculative-config)")
+    if getattr(parallel, "enable_dbo", False) or getattr(parallel, "ubatch_size", 0) > 1:
+        found.append("dual-batch overlap / micro-batching (--enable-dbo, --ubatch-size)")
+    if getattr(vllm_config.cache_config, "kv_sharing_fast_prefill", False):
+        found.append("KV-sharing fast prefill (--kv-sharing-fast-prefill)")
+    if getattr(parallel, "data_parallel_external_lb", False) or getattr(
+        parallel, "data_parallel_hybrid_lb", False
+    ):
+        found.append(
+            "external or hybrid data-parallel load balancing (each API server would hold its own "
+            "capability registry; use internal load balancing)"
+        )
+    return found
+
+
+def refuse_unsupported(vllm_config: Any) -> None:
+    """Raise ValueError naming every unsupported feature of a steering engine's config."""
+    found = unsupported_features(vllm_config)
+    if found:
+        raise ValueError("unlock: steering does not support " + "; ".join(found))
 
 
 def install(runner: Any, vllm_config: Any) -> SteeringState | None:
@@ -59,12 +115,14 @@ def install(runner: Any, vllm_config: Any) -> SteeringState | None:
     config = read_config(vllm_config)
     if config is None:
         return None
-    if not isinstance(runner, wired_runner_classes()):
+    if not isinstance(runner, wired_runner_classes(config.model_runner)):
         raise RuntimeError(
-            f"unlock: steering is wired into vLLM's V1 and V2 GPUModelRunner but this worker runs "
-            f"{type(runner).__module__}.{type(runner).__qualname__}"
+            f"unlock: steering asked for model runner {config.model_runner!r} (V1 and V2 GPUModelRunner "
+            f"are wired) but this worker runs {type(runner).__module__}.{type(runner).__qualname__}"
         )
-    _refuse_unsupported(runner)
+    refuse_unsupported(vllm_config)
+    if runner.device.type == "cuda":
+        check_cuda_kernel(runner.device, runner.model_config.dtype)
     old = getattr(runner, STATE_ATTR, None)
     if old is not None:  # a reload: take the old hooks off first
         old.remove()
@@ -113,11 +171,11 @@ def _load_model(original):
 
 
 def wire() -> None:
-    """Wrap the worker's model load and both runners' per-request and per-step methods (idempotent)."""
-    from vllm.v1.worker.gpu_worker import Worker
-
+    """Wrap the runner choice, the worker's model load and both runners' per-request and per-step
+    methods (idempotent)."""
     from unlock_vllm import runner_v1, runner_v2
 
-    wrap(Worker, "load_model", _load_model)
+    wrap_property(seams.get("VllmConfig"), "use_v2_model_runner", _choose_runner)
+    wrap(seams.get("Worker"), "load_model", _load_model)
     runner_v1.wire()
     runner_v2.wire()

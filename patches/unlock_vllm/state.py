@@ -116,6 +116,11 @@ class SteeringState:
         self._release_slot(req_id)  # a request re-added with new input (streaming) starts over
         self.slot_of[req_id] = self._compose(req_id, sampling_params)
 
+    def _staged(self, rows: torch.Tensor) -> torch.Tensor:
+        """Host rows ready for a non-blocking upload: pinned on GPUs (a pageable copy would sync the
+        stream at each admission). The caching host allocator keeps the pinned block until the copy ran."""
+        return rows if self.add_table.device.type == "cpu" else rows.pin_memory()
+
     def _release_slot(self, req_id: str) -> bool:
         slot = self.slot_of.pop(req_id, 0)
         if not slot:
@@ -145,9 +150,10 @@ class SteeringState:
             logger.error("unlock: request %s runs unsteered: %s", req_id, exc)
             return 0
         slot = self.free_slots.pop()
-        self.add_table[:, slot].copy_(add_rows)
-        self.rot_table[:, slot].copy_(rot_rows)
-        self.rot_map[:, slot] = rot_rows.ne(0).any(-1).to(torch.int64) * slot  # [L]
+        rot_map = rot_rows.ne(0).any(-1).to(torch.int64) * slot  # [L]
+        self.add_table[:, slot].copy_(self._staged(add_rows), non_blocking=True)
+        self.rot_table[:, slot].copy_(self._staged(rot_rows), non_blocking=True)
+        self.rot_map[:, slot].copy_(self._staged(rot_map), non_blocking=True)
         self.has_add[slot] = any(t.mode == "add" for t in terms)
         self.has_rot[slot] = any(t.mode == "rotate" for t in terms)
         return slot

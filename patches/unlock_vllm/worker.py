@@ -19,14 +19,27 @@ _NOT_INSTALLED = (
 )
 
 
+def _not_installed() -> str:
+    from unlock_vllm import plugin
+
+    if plugin.registration_error:
+        return f"steering is not installed in this worker: {plugin.registration_error}"
+    return _NOT_INSTALLED
+
+
 class UnlockWorkerExtension:
     def _unlock_state(self) -> Any:
         return getattr(getattr(self, "model_runner", None), STATE_ATTR, None)
 
+    def _unlock_where(self) -> dict[str, Any]:
+        """Which engine and rank answered: with data parallelism, replies come from every engine."""
+        parallel = getattr(getattr(self, "vllm_config", None), "parallel_config", None)
+        return {"dp_rank": getattr(parallel, "data_parallel_rank", 0), "rank": getattr(self, "rank", 0)}
+
     def unlock_register(self, path: str, sha256: str) -> dict[str, Any]:
         state = self._unlock_state()
         if state is None:
-            return {"ok": False, "error": _NOT_INSTALLED}
+            return {"ok": False, "error": _not_installed()}
         try:
             return state.registry.register(path, sha256)
         except Exception as exc:  # any failure is the caller's to report, never the engine's to die of
@@ -36,7 +49,7 @@ class UnlockWorkerExtension:
     def unlock_unregister(self, sha256: str) -> dict[str, Any]:
         state = self._unlock_state()
         if state is None:
-            return {"ok": False, "error": _NOT_INSTALLED}
+            return {"ok": False, "error": _not_installed()}
         try:
             return state.registry.unregister(sha256)
         except Exception as exc:
@@ -49,9 +62,10 @@ class UnlockWorkerExtension:
             runner = getattr(self, "model_runner", None)
             return {
                 "ok": False,
-                "error": _NOT_INSTALLED,
+                "error": _not_installed(),
                 "wrapped_layers": 0,
                 "runner": type(runner).__qualname__,
                 "registered": [],
+                **self._unlock_where(),
             }
-        return {"ok": True, "error": None, **state.status()}
+        return {"ok": True, "error": None, **state.status(), **self._unlock_where()}

@@ -48,9 +48,9 @@ async def create_app(
 ) -> FastAPI:
     """Build the app around a running engine. The lifespan reloads the registry onto the workers before the
     first request; `on_start` (the embedded default's demo capability) runs right after."""
-    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-    from vllm.entrypoints.launchers.app import build_app
+    from unlock_vllm import seams
 
+    build_app, init_app_state = seams.get("build_app"), seams.get("init_app_state")
     supported_tasks = await engine.get_supported_tasks()
     app = build_app(args, supported_tasks, engine.model_config)
     await init_app_state(engine, app.state, args, supported_tasks)

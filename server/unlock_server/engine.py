@@ -1,7 +1,8 @@
 """The one place the server touches the vLLM plugin (`unlock_vllm`) and the engine's worker RPCs.
 
 Worker RPCs return one plain dict per worker (`{"ok": bool, "error": str | None, ...}`); a registration
-counts only when every worker (all TP/PP ranks, all DP engines) says ok.
+counts only when every worker (all TP/PP ranks, all DP engines) says ok; `collective_rpc_every_engine`
+asks every data-parallel engine, where AsyncLLM's own collective_rpc asks the first one only.
 """
 
 from __future__ import annotations
@@ -17,11 +18,20 @@ class EngineRPCError(RuntimeError):
     pass
 
 
-def engine_kwargs() -> dict[str, Any]:
+def engine_kwargs(model_runner: str | None = None) -> dict[str, Any]:
     """Engine arguments that load the plugin's worker extension (merged into `AsyncEngineArgs`)."""
     import unlock_vllm
 
-    return unlock_vllm.engine_kwargs()
+    if model_runner is None:
+        return unlock_vllm.engine_kwargs()
+    return unlock_vllm.engine_kwargs(model_runner=model_runner)
+
+
+def check_engine_config(vllm_config: Any) -> None:
+    """ValueError naming every engine feature steering does not support (before the engine starts)."""
+    from unlock_vllm.runners import refuse_unsupported
+
+    refuse_unsupported(vllm_config)
 
 
 def encode_selection(items: Sequence[tuple[str, float, str]]) -> str:
@@ -41,7 +51,9 @@ class Workers:
         self.engine = engine
 
     async def _call(self, method: str, *args: Any) -> list[dict[str, Any]]:
-        results = await self.engine.collective_rpc(method, args=args)
+        from unlock_vllm.seams import collective_rpc_every_engine
+
+        results = await collective_rpc_every_engine(self.engine, method, args)
         return [
             r if isinstance(r, dict) else {"ok": False, "error": f"unexpected reply {r!r}"} for r in results
         ]

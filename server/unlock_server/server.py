@@ -9,7 +9,7 @@ from argparse import Namespace
 from typing import Any
 
 from .app import create_app
-from .engine import engine_kwargs
+from .engine import check_engine_config, engine_kwargs
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -22,11 +22,11 @@ def _raise_exit(signum: int, _frame: Any) -> None:
 
 
 def build_engine(args: Namespace) -> Any:
-    from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.v1.engine.async_llm import AsyncLLM
+    """The steering engine: vLLM's engine config from the flags plus the plugin's, checked before start."""
+    from unlock_vllm import seams
 
-    engine_args = AsyncEngineArgs.from_cli_args(args)
-    plugin = engine_kwargs()
+    engine_args = seams.get("AsyncEngineArgs").from_cli_args(args)
+    plugin = engine_kwargs(args.steering_runner)
     if (
         engine_args.worker_extension_cls
         and engine_args.worker_extension_cls != plugin["worker_extension_cls"]
@@ -37,7 +37,16 @@ def build_engine(args: Namespace) -> Any:
         )
     engine_args.worker_extension_cls = plugin["worker_extension_cls"]
     engine_args.additional_config = {**(engine_args.additional_config or {}), **plugin["additional_config"]}
-    return AsyncLLM.from_engine_args(engine_args)
+    vllm_config = engine_args.create_engine_config()
+    try:
+        check_engine_config(vllm_config)
+    except ValueError as exc:
+        raise SystemExit(f"unlock-serve: {exc}") from None
+    return seams.get("AsyncLLM").from_vllm_config(
+        vllm_config,
+        enable_log_requests=engine_args.enable_log_requests,
+        disable_log_stats=engine_args.disable_log_stats,
+    )
 
 
 async def serve(args: Namespace, settings: Settings, on_start: Any = None) -> None:
