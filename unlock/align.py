@@ -120,11 +120,11 @@ class LayerMap:
         return self.apply(x_s.double() - self.mu_s) + self.mu_t
 
 
-def top_eigenvectors(gram: torch.Tensor, k: int) -> torch.Tensor:
-    """The top-k eigenvectors of a symmetric gram matrix [d, d] as columns [d, k], largest first: the top-k
-    right singular vectors of any X with X^T X = gram."""
+def eigenbasis(gram: torch.Tensor) -> torch.Tensor:
+    """All eigenvectors of a symmetric gram matrix [d, d] as columns, largest eigenvalue first: the first k
+    columns are the top-k right singular vectors of any X with X^T X = gram."""
     _, vectors = torch.linalg.eigh(gram)  # ascending eigenvalues
-    return vectors.flip(-1)[:, :k]  # [d, k]
+    return vectors.flip(-1)  # [d, d]
 
 
 def effective_rank(rank: int, n: int, d_s: int, d_t: int) -> int:
@@ -138,23 +138,62 @@ def ridge_lambda(ss_centred: torch.Tensor, ridge: float) -> float:
     return ridge * float(torch.trace(ss_centred)) / ss_centred.shape[0]
 
 
-def fit_moments(moments: Moments, rank: int, center: bool = False, ridge: float = 0.0) -> LayerMap:
-    """Fit one layer's map from the moments of its paired rows (float64 throughout)."""
+@dataclass
+class Decomposed:
+    """One fit's centred moments with both eigenbases: maps at any rank and ridge follow at k x k cost."""
+
+    n: int
+    mu_s: torch.Tensor  # [d_s]
+    mu_t: torch.Tensor  # [d_t]
+    ss: torch.Tensor  # [d_s, d_s], centred when the fit is
+    st: torch.Tensor  # [d_s, d_t]
+    basis_s: torch.Tensor  # [d_s, d_s], eigenvectors of ss, largest first
+    basis_t: torch.Tensor  # [d_t, d_t], eigenvectors of tt
+
+
+def decompose(moments: Moments, center: bool = False) -> Decomposed:
+    mu_s, mu_t, ss, tt, st = moments.centred(center)
+    return Decomposed(moments.n, mu_s, mu_t, ss, st, eigenbasis(ss), eigenbasis(tt))
+
+
+def fit_decomposed(dec: Decomposed, rank: int, ridge: float = 0.0) -> LayerMap:
+    """The map at ``rank`` and ``ridge`` from a decomposed fit (float64 throughout)."""
     if rank < 1:
         raise ValueError(f"rank must be at least 1, got {rank}")
     if ridge < 0 or not math.isfinite(ridge):
         raise ValueError(f"ridge must be a finite number >= 0, got {ridge}")
-    mu_s, mu_t, ss, tt, st = moments.centred(center)
-    k = effective_rank(rank, moments.n, ss.shape[0], tt.shape[0])
-    v_s, v_t = top_eigenvectors(ss, k), top_eigenvectors(tt, k)  # [d_s, k], [d_t, k]
-    ata = v_s.T @ ss @ v_s  # [k, k] = A^T A, A = X_s V_s
-    atb = v_s.T @ st @ v_t  # [k, k] = A^T B, B = X_t V_t
+    k = effective_rank(rank, dec.n, dec.ss.shape[0], dec.basis_t.shape[0])
+    v_s, v_t = dec.basis_s[:, :k], dec.basis_t[:, :k]  # [d_s, k], [d_t, k]
+    ata = v_s.T @ dec.ss @ v_s  # [k, k] = A^T A, A = X_s V_s
+    atb = v_s.T @ dec.st @ v_t  # [k, k] = A^T B, B = X_t V_t
     if ridge == 0:
         m = torch.linalg.pinv(ata, rtol=EIG_RTOL, hermitian=True) @ atb  # pinv(A) B = pinv(A^T A) A^T B
     else:
-        lam = ridge_lambda(ss, ridge)
+        lam = ridge_lambda(dec.ss, ridge)
         m = torch.linalg.solve(ata + lam * torch.eye(k, dtype=ata.dtype), atb)
-    return LayerMap(v_s, m, v_t, mu_s, mu_t)
+    return LayerMap(v_s, m, v_t, dec.mu_s, dec.mu_t)
+
+
+def fit_moments(moments: Moments, rank: int, center: bool = False, ridge: float = 0.0) -> LayerMap:
+    """Fit one layer's map from the moments of its paired rows."""
+    return fit_decomposed(decompose(moments, center), rank, ridge)
+
+
+def heldout_energy(layer_map: LayerMap, held: Moments) -> tuple[float, float]:
+    """(|X_t - X_s W|^2, |X_t|^2) on held-out rows given by their moments, both sides centred with the fit's
+    means: with a = x_s - mu_s, b = x_t - mu_t, the residual is tr(G_bb) - 2 tr(W^T G_ab) + tr(W^T G_aa W)."""
+    mu_s, mu_t, n = layer_map.mu_s, layer_map.mu_t, held.n
+    g_aa = (
+        held.ss - torch.outer(held.sum_s, mu_s) - torch.outer(mu_s, held.sum_s) + n * torch.outer(mu_s, mu_s)
+    )
+    g_ab = (
+        held.st - torch.outer(held.sum_s, mu_t) - torch.outer(mu_s, held.sum_t) + n * torch.outer(mu_s, mu_t)
+    )
+    g_bb_trace = torch.trace(held.tt) - 2 * held.sum_t @ mu_t + n * mu_t @ mu_t
+    v_s, m, v_t = layer_map.v_s, layer_map.m, layer_map.v_t
+    cross = torch.trace(m.T @ (v_s.T @ g_ab @ v_t))  # tr(W^T G_ab), V_t^T V_t = I
+    mapped = torch.trace(m.T @ (v_s.T @ g_aa @ v_s) @ m)  # tr(W^T G_aa W)
+    return float(g_bb_trace - 2 * cross + mapped), float(g_bb_trace)
 
 
 def fit_layer(
@@ -230,16 +269,19 @@ def fit_and_score(
     fold_of = fold_of_texts(fit_texts, settings.folds, settings.seed)
     fold = torch.tensor([fold_of[int(g)] for g in fit_groups.tolist()], dtype=torch.long)  # [P]
     parts = [Moments.of(fit_s[fold == f], fit_t[fold == f]) for f in range(settings.folds)]
-    total = parts[0]
-    for part in parts[1:]:
-        total = total + part
-    residual = energy = 0.0
-    for f, part in enumerate(parts):
-        held_map = fit_moments(total - part, settings.rank, settings.center, settings.ridge)
-        r, e = residual_energy(held_map, fit_s[fold == f], fit_t[fold == f])
-        residual, energy = residual + r, energy + e
+    total = sum(parts[1:], parts[0])
     layer_map = fit_moments(total, settings.rank, settings.center, settings.ridge)
-    return layer_map, math.sqrt(residual / max(energy, 1e-300)), f"cv{settings.folds}", len(fit_s)
+    error = cv_error(total, parts, settings.rank, settings.center, settings.ridge)
+    return layer_map, error, f"cv{settings.folds}", len(fit_s)
+
+
+def cv_error(total: Moments, parts: list[Moments], rank: int, center: bool, ridge: float) -> float:
+    """Relative error of each part's rows under the map fit on the others, residuals and norms summed."""
+    residual = energy = 0.0
+    for part in parts:
+        r, e = heldout_energy(fit_moments(total - part, rank, center, ridge), part)
+        residual, energy = residual + r, energy + e
+    return math.sqrt(max(residual, 0.0) / max(energy, 1e-300))
 
 
 def align(

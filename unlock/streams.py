@@ -46,11 +46,37 @@ def _digest(value: object) -> str:
 
 
 def store_dir(root: str | Path, lm: LoadedModel, chat: bool) -> Path:
-    """The store of one model: named by its folder name and a hash of what decides its activations."""
-    path = Path(lm.name)
-    identity = str(path.resolve()) if path.exists() else lm.name
-    key = _digest([identity, str(lm.model.dtype), chat, lm.num_layers, lm.hidden_size])
+    """The store of one loaded model."""
+    return store_dir_of(root, lm.name, str(lm.model.dtype), chat, lm.num_layers, lm.hidden_size)
+
+
+def store_dir_of(
+    root: str | Path, name: str, dtype: str, chat: bool, num_layers: int, hidden_size: int
+) -> Path:
+    """The store of a model: named by its folder name and a hash of what decides its activations (``dtype``
+    as torch prints it, e.g. ``torch.float32``)."""
+    path = Path(name)
+    identity = str(path.resolve()) if path.exists() else name
+    key = _digest([identity, dtype, chat, num_layers, hidden_size])
     return Path(root) / f"{path.name or 'model'}-{key[:12]}"
+
+
+def chunk_paths(directory: Path, prompts: Sequence[str]) -> tuple[list[list[str]], list[Path]]:
+    """The prompts in chunks of ``CHUNK_TEXTS``, and the file each chunk is stored in."""
+    chunks = [list(prompts[i : i + CHUNK_TEXTS]) for i in range(0, len(prompts), CHUNK_TEXTS)]
+    return chunks, [directory / f"chunk-{_digest(chunk)[:24]}.safetensors" for chunk in chunks]
+
+
+def open_store(directory: Path, prompts: Sequence[str]) -> list[Chunk]:
+    """The chunks of a finished capture of ``prompts``; fails naming how many are missing."""
+    _, paths = chunk_paths(directory, prompts)
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise ValueError(
+            f"{directory}: {len(missing)} of {len(paths)} chunks of these {len(prompts)} prompts are not "
+            "captured yet; run `unlock capture` (it resumes) or use fewer texts"
+        )
+    return [Chunk.open(path) for path in paths]
 
 
 @dataclass
@@ -111,8 +137,7 @@ def capture_streams(
     """Every token's stream of ``lm`` on ``prompts``, chunk by chunk; chunks already in the store are kept."""
     directory = store_dir(root, lm, chat)
     directory.mkdir(parents=True, exist_ok=True)
-    chunks = [list(prompts[i : i + CHUNK_TEXTS]) for i in range(0, len(prompts), CHUNK_TEXTS)]
-    paths = [directory / f"chunk-{_digest(chunk)[:24]}.safetensors" for chunk in chunks]
+    chunks, paths = chunk_paths(directory, prompts)
     missing = [(c, p) for c, p in zip(chunks, paths, strict=True) if not p.is_file()]
     for chunk, path in tqdm(missing, desc=f"capture {Path(lm.name).name}", unit="chunk", disable=None):
         write_chunk(lm, chunk, path, batch_size, chat)
