@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -242,6 +242,17 @@ class Alignment:
     n_fit: int  # texts fit on
     n_holdout: int  # texts held out
     n_pairs: int  # rows fit on (texts at the last token; token pairs otherwise)
+
+    def subset(self, keep: list[int]) -> Alignment:
+        """The same fit restricted to the steered layers at positions ``keep`` (in order)."""
+        pick = lambda values: [values[i] for i in keep]  # noqa: E731
+        return replace(
+            self,
+            target_layers=pick(self.target_layers),
+            source_layers=pick(self.source_layers),
+            maps=pick(self.maps),
+            errors=pick(self.errors),
+        )
 
     def target_directions(self, source_directions: torch.Tensor) -> torch.Tensor:
         """r_t = v_s[s(t)] V_s M V_t^T per steered layer: source [L_s, d_s] -> float32 [len(layers), d_t]."""

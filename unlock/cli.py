@@ -114,6 +114,12 @@ def add_align_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--seed", type=int, default=0, help="seed of the held-out split and of the folds")
     group.add_argument("--layers", default="all", help="target layers: all, 4-12, 0,2,5, -1 (default all)")
+    group.add_argument(
+        "--select-layers",
+        type=int,
+        metavar="K",
+        help="steer only the K of --layers whose held-out map error is lowest (chosen without labels)",
+    )
     group.add_argument("--mode", choices=MODES, default="rotate")
     group.add_argument("--strength", type=float, default=0.1, help="default strength")
     group.add_argument("--name", required=True, help="capability name")

@@ -93,6 +93,7 @@ class AlignConfig:
     align_skip: int = 2  # first positions left out of token-level pairs (attention sinks)
     capture_dir: str | None = None  # all-position store (resumable, reused); None: a temporary one
     layers: str = "all"
+    select_layers: int | None = None  # steer only the K of `layers` with the lowest held-out map error
     mode: str = "rotate"
     strength: float = 0.1
     store: str = "factors"  # or "directions": dense target directions
@@ -191,6 +192,13 @@ def check_align(config: AlignConfig, n_extract: int) -> int:
     else:
         n = n_extract
     n_fit = len(split_indices(n, config.holdout, config.seed)[0])
+    if config.select_layers is not None and (
+        config.select_layers < 1 or (config.holdout == 0 and config.cv_folds < 2)
+    ):
+        raise ValueError(
+            f"--select-layers {config.select_layers} picks layers by their held-out map error: it needs "
+            "K >= 1 and an error (--cv-folds >= 2 or --holdout > 0)"
+        )
     if config.holdout == 0 and config.cv_folds >= 2 and config.cv_folds > n_fit:
         raise ValueError(
             f"--cv-folds {config.cv_folds} needs at least {config.cv_folds} alignment texts, there are "
@@ -367,6 +375,8 @@ def run_align(extracted: Extracted, config: AlignConfig, models: ModelCache) -> 
     common = dict(layers=layers, mode=config.mode, default_strength=config.strength, target=info)
     meta = {key: extracted.metadata[key] for key in CARRIED_KEYS}
     if same_model(extracted.metadata["source_locked"], target.name):
+        if config.select_layers is not None:
+            raise ValueError("--select-layers ranks layers by their map error; a same-model build fits none")
         if extracted.directions.shape != (target.num_layers, target.hidden_size):
             raise ValueError(f"the extracted directions do not fit {target.name!r}, though it is the source")
         directions = extracted.directions[layers]
@@ -382,6 +392,18 @@ def run_align(extracted: Extracted, config: AlignConfig, models: ModelCache) -> 
         with timer.stage("align"):
             fitted = align(rows, n_texts, int(meta["source_num_layers"]), target.num_layers, layers, settings)
             directions = fitted.target_directions(extracted.directions)  # [len(layers), d_t]
+    if config.select_layers is not None:
+        if config.select_layers > len(layers):
+            raise ValueError(f"--select-layers {config.select_layers} is more than the {len(layers)} layers")
+        meta.update(
+            layer_selection=f"lowest-error:{config.select_layers}",
+            candidate_layers=json.dumps(layers),
+            candidate_errors=json.dumps([round(e, 6) for e in fitted.errors]),
+        )
+        keep = sorted(sorted(range(len(layers)), key=lambda i: fitted.errors[i])[: config.select_layers])
+        fitted, directions = fitted.subset(keep), directions[keep]
+        layers = fitted.target_layers
+        common["layers"] = layers
     check_directions(directions, config.mode)
     meta.update(align_meta)
     meta.update(

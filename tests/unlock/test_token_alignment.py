@@ -283,3 +283,28 @@ def test_same_model_build_stores_its_own_directions_without_a_map(tmp_path, tiny
                  "-o", str(extracted_path), "--device", "cpu"]) == 0  # fmt: skip
     own = Extracted.load(extracted_path).directions[1:4]
     assert torch.equal(capability.target_directions(), own)  # exactly the model's own directions
+
+
+def test_select_layers_keeps_the_layers_of_lowest_held_out_error(
+    tmp_path, capsys, tiny_source_model, tiny_target_model
+):
+    capability = build(tmp_path, tiny_source_model, tiny_target_model, "sel", "--select-layers", "2")
+    meta = capability.metadata
+    candidates, errors = json.loads(meta["candidate_layers"]), json.loads(meta["candidate_errors"])
+    assert candidates == [0, 1, 2, 3] and meta["layer_selection"] == "lowest-error:2"
+    lowest = sorted(sorted(candidates, key=lambda layer: errors[layer])[:2])
+    assert capability.layers == lowest and capability.target_directions().shape == (2, 64)
+    assert capability.alignment_errors == [errors[layer] for layer in lowest]
+    assert json.loads(meta["source_layers"]) == [[0, 1, 3, 5][layer] for layer in lowest]
+    everything = build(tmp_path, tiny_source_model, tiny_target_model, "all")  # same fit, every layer
+    rows = [candidates.index(layer) for layer in lowest]
+    torch.testing.assert_close(capability.target_directions(), everything.target_directions()[rows])
+    argv = [
+        "build", "--source-locked", str(tiny_source_model), "--target", str(tiny_target_model), "--data",
+        str(DEMO), "-n", "12", "--name", "x", "-o", str(tmp_path / "x.safetensors"), "--device", "cpu",
+    ]  # fmt: skip
+    capsys.readouterr()
+    assert main([*argv, "--select-layers", "0"]) == 2
+    assert "--select-layers 0 picks layers by their held-out map error" in capsys.readouterr().err
+    assert main([*argv, "--select-layers", "2", "--cv-folds", "0"]) == 2
+    assert "needs K >= 1 and an error" in capsys.readouterr().err
