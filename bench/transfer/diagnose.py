@@ -225,7 +225,15 @@ def main() -> None:
     p.add_argument("--ridges", type=float, nargs="+", default=[0.0, 0.01, 0.1])
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--no-center", dest="center", action="store_false", help="fit without centring")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a 2-core machine shared with another job, LAPACK's eigensolver "
+        "ran 50x slower with 2 threads than with 1)",
+    )
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     if (args.capture_dir is None) != (args.align_data is None):
         raise SystemExit("--capture-dir and --align-data go together")
     if args.capture_dir is None:
