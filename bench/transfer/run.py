@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -101,6 +102,7 @@ def build_artifacts(args: argparse.Namespace) -> dict[str, Path]:
                     "--rank",
                     str(rank),
                     *(["--center"] if args.center else []),
+                    *shlex.split(args.align_args),
                     "--mode",
                     "rotate",
                     "--strength",
@@ -366,6 +368,12 @@ def parse_args() -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="centre the activations before the alignment fit (`unlock align --center`)",
+    )
+    p.add_argument(
+        "--align-args",
+        default="",
+        help="more `unlock align` arguments, e.g. '--align-positions all --align-data F --capture-dir D "
+        "--ridge 0.1'",
     )
     p.add_argument("--strengths", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     p.add_argument("--eval-range", default="0:200", help="GSM8K test items evaluated (start:stop)")
