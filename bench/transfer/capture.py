@@ -10,7 +10,8 @@
    the first 64 MATH test problems (direct vs cot), into <cache>/extracted/MODEL-math64.safetensors.
 
   nice -n 15 .venv/bin/python bench/transfer/capture.py \\
-      qwen05:256 qwen15:256 extract:qwen05 extract:qwen15 qwen05:512 qwen15:512
+      qwen05:256 smollm2:256 extract:smollm2 extract:qwen05 qwen15:256 extract:qwen15 \\
+      qwen05:512 qwen15:512 smollm2:512
 """
 
 from __future__ import annotations
@@ -45,10 +46,14 @@ def build_corpus(math_test: Path, out: Path, seed: int = 0) -> Path:
     return out
 
 
-def run(cmd: list[str], log: Path) -> None:
+def run(cmd: list[str], log: Path) -> bool:
+    """Run one step, its output appended to ``log``; a failed step is reported and the next ones still run."""
     print("$", " ".join(cmd), flush=True)
     with log.open("a") as f:
-        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT)
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+    if code:
+        print(f"failed with exit status {code}; see {log}", flush=True)
+    return code == 0
 
 
 def main() -> None:
@@ -60,6 +65,7 @@ def main() -> None:
     corpus = build_corpus(args.cache / "data" / "math_test.jsonl", args.cache / "data" / "align_math.jsonl")
     logs = args.cache / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    failed = []
     for step in args.steps:
         kind, item = step.split(":")
         if kind == "extract":
@@ -67,7 +73,7 @@ def main() -> None:
             if out.exists():
                 continue
             out.parent.mkdir(parents=True, exist_ok=True)
-            run(
+            ok = run(
                 [str(UNLOCK), "extract", "--source-locked", str(args.cache / "models" / item),
                  "--data", str(args.cache / "data" / "math_test.jsonl"), "--field", "problem", "-n", "64",
                  "--locked-template", "direct", "--unlocked-template", "cot", "--aggregation", "mean",
@@ -76,14 +82,17 @@ def main() -> None:
             )  # fmt: skip
         else:
             model, n = kind, item
-            run(
+            ok = run(
                 [str(UNLOCK), "capture", "--model", str(args.cache / "models" / model), "--data", str(corpus),
                  "--field", "question", "-n", n, "--template", "direct",
                  "--capture-dir", str(args.cache / "streams"), "--batch-size", str(args.batch_size),
                  "--device", "cpu"],
                 logs / f"capture-{model}.log",
             )  # fmt: skip
-    print("all steps done", flush=True)
+        if not ok:
+            failed.append(step)
+    print(f"steps failed: {failed}" if failed else "all steps done", flush=True)
+    raise SystemExit(1 if failed else 0)
 
 
 if __name__ == "__main__":
