@@ -308,3 +308,32 @@ def test_select_layers_keeps_the_layers_of_lowest_held_out_error(
     assert "--select-layers 0 picks layers by their held-out map error" in capsys.readouterr().err
     assert main([*argv, "--select-layers", "2", "--cv-folds", "0"]) == 2
     assert "needs K >= 1 and an error" in capsys.readouterr().err
+
+
+def test_unlock_capture_ahead_is_what_align_reads(
+    tmp_path, monkeypatch, tiny_source_model, tiny_target_model
+):
+    """`unlock capture` with the locked template fills the store that `align --align-positions all` reads:
+    with both captured ahead, the build captures nothing (write_chunk would fail) and still fits."""
+    store = tmp_path / "streams"
+    for model in (tiny_source_model, tiny_target_model):
+        argv = ["capture", "--model", str(model), "--data", str(DEMO), "-n", "12", "--template", "direct",
+                "--capture-dir", str(store), "--device", "cpu"]  # fmt: skip
+        assert main(argv) == 0
+    assert len(list(store.glob("*/chunk-*.safetensors"))) == 2
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the build captured again what `unlock capture` had stored")
+
+    monkeypatch.setattr("unlock.streams.write_chunk", refuse)
+    capability = build(
+        tmp_path, tiny_source_model, tiny_target_model, "ahead", "--align-positions", "all",
+        "--capture-dir", str(store),
+    )  # fmt: skip
+    meta = capability.metadata
+    assert (meta["align_data"], meta["align_template"], meta["align_n"]) == (
+        "extraction prompts",
+        "direct",
+        "12",
+    )
+    assert int(meta["n_pairs"]) > 12
