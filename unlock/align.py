@@ -3,7 +3,9 @@
 Per target layer t, with source layer s = depth_map(t): V_s, V_t are the top-k right singular vectors of the
 source and target activations on the same N paired rows (k = min(rank, N)), and M = pinv(X_s V_s) (X_t V_t) is
 the k x k least-squares map between the two subspaces; with a ridge λ > 0 it is (A^T A + λ I)^-1 A^T B instead
-(A = X_s V_s, B = X_t V_t). The map W = V_s M V_t^T is kept as its three factors.
+(A = X_s V_s, B = X_t V_t; λ = ridge x the mean diagonal of X_s^T X_s, a ridge relative to the activations'
+own scale, so one value means the same at every layer and model). The map W = V_s M V_t^T is kept as its
+three factors.
 
 Everything is computed from the rows' moments (count, sums, X_s^T X_s, X_t^T X_t, X_s^T X_t), which add over
 rows: cross-validation fits on the total less one fold's moments instead of refitting from the rows, and
@@ -132,56 +134,62 @@ def effective_rank(rank: int, n: int, d_s: int, d_t: int) -> int:
     return min(rank, n, d_s, d_t)
 
 
-def ridge_lambda(ss_centred: torch.Tensor, ridge: float) -> float:
-    """λ = ridge x the mean diagonal of X_s^T X_s (its trace / d_s): a ridge relative to the activations'
-    own scale, so one value means the same across layers and models."""
-    return ridge * float(torch.trace(ss_centred)) / ss_centred.shape[0]
-
-
 @dataclass
 class Decomposed:
-    """One fit's centred moments with both eigenbases: maps at any rank and ridge follow at k x k cost."""
+    """One fit's means, its top-K eigenbases, and A^T A and A^T B in them (A = X_s V_s, B = X_t V_t): the map
+    at any rank k <= K and any ridge follows at k x k cost."""
 
     n: int
     mu_s: torch.Tensor  # [d_s]
     mu_t: torch.Tensor  # [d_t]
-    ss: torch.Tensor  # [d_s, d_s], centred when the fit is
-    st: torch.Tensor  # [d_s, d_t]
-    basis_s: torch.Tensor  # [d_s, d_s], eigenvectors of ss, largest first
-    basis_t: torch.Tensor  # [d_t, d_t], eigenvectors of tt
+    basis_s: torch.Tensor  # [d_s, K], eigenvectors of X_s^T X_s (centred when the fit is), largest first
+    basis_t: torch.Tensor  # [d_t, K]
+    ata: torch.Tensor  # [K, K]
+    atb: torch.Tensor  # [K, K]
+    scale: float  # the mean diagonal of X_s^T X_s, the unit of the ridge
 
 
-def decompose(moments: Moments, center: bool = False) -> Decomposed:
+def decompose(moments: Moments, center: bool = False, max_rank: int | None = None) -> Decomposed:
     mu_s, mu_t, ss, tt, st = moments.centred(center)
-    return Decomposed(moments.n, mu_s, mu_t, ss, st, eigenbasis(ss), eigenbasis(tt))
+    d_s, d_t = ss.shape[0], tt.shape[0]
+    big_k = min(max_rank or d_s, d_s, d_t)
+    basis_s, basis_t = eigenbasis(ss)[:, :big_k], eigenbasis(tt)[:, :big_k]  # [d_s, K], [d_t, K]
+    ata = basis_s.T @ ss @ basis_s  # [K, K]
+    atb = basis_s.T @ st @ basis_t  # [K, K]
+    return Decomposed(moments.n, mu_s, mu_t, basis_s, basis_t, ata, atb, float(torch.trace(ss)) / d_s)
 
 
 def fit_decomposed(dec: Decomposed, rank: int, ridge: float = 0.0) -> LayerMap:
-    """The map at ``rank`` and ``ridge`` from a decomposed fit (float64 throughout)."""
+    """The map at ``rank`` (at most the decomposition's K) and ``ridge`` (float64 throughout)."""
     if rank < 1:
         raise ValueError(f"rank must be at least 1, got {rank}")
     if ridge < 0 or not math.isfinite(ridge):
         raise ValueError(f"ridge must be a finite number >= 0, got {ridge}")
-    k = effective_rank(rank, dec.n, dec.ss.shape[0], dec.basis_t.shape[0])
-    v_s, v_t = dec.basis_s[:, :k], dec.basis_t[:, :k]  # [d_s, k], [d_t, k]
-    ata = v_s.T @ dec.ss @ v_s  # [k, k] = A^T A, A = X_s V_s
-    atb = v_s.T @ dec.st @ v_t  # [k, k] = A^T B, B = X_t V_t
+    k = min(rank, dec.n, dec.ata.shape[0])  # = effective_rank: K already caps at both hidden sizes
+    ata, atb = dec.ata[:k, :k], dec.atb[:k, :k]
     if ridge == 0:
         m = torch.linalg.pinv(ata, rtol=EIG_RTOL, hermitian=True) @ atb  # pinv(A) B = pinv(A^T A) A^T B
     else:
-        lam = ridge_lambda(dec.ss, ridge)
-        m = torch.linalg.solve(ata + lam * torch.eye(k, dtype=ata.dtype), atb)
-    return LayerMap(v_s, m, v_t, dec.mu_s, dec.mu_t)
+        m = torch.linalg.solve(ata + ridge * dec.scale * torch.eye(k, dtype=ata.dtype), atb)
+    return LayerMap(dec.basis_s[:, :k], m, dec.basis_t[:, :k], dec.mu_s, dec.mu_t)
 
 
 def fit_moments(moments: Moments, rank: int, center: bool = False, ridge: float = 0.0) -> LayerMap:
     """Fit one layer's map from the moments of its paired rows."""
-    return fit_decomposed(decompose(moments, center), rank, ridge)
+    return fit_decomposed(decompose(moments, center, rank), rank, ridge)
+
+
+def fit_layer(
+    x_s: torch.Tensor, x_t: torch.Tensor, rank: int, center: bool = False, ridge: float = 0.0
+) -> LayerMap:
+    """Fit one layer's map on paired activations x_s [N, d_s], x_t [N, d_t]."""
+    return fit_moments(Moments.of(x_s, x_t), rank, center, ridge)
 
 
 def heldout_energy(layer_map: LayerMap, held: Moments) -> tuple[float, float]:
     """(|X_t - X_s W|^2, |X_t|^2) on held-out rows given by their moments, both sides centred with the fit's
-    means: with a = x_s - mu_s, b = x_t - mu_t, the residual is tr(G_bb) - 2 tr(W^T G_ab) + tr(W^T G_aa W)."""
+    means: with a = x_s - mu_s, b = x_t - mu_t, the residual is tr(G_bb) - 2 tr(W^T G_ab) + tr(W^T G_aa W).
+    The difference of traces is exact to about sqrt(machine epsilon) of the relative error."""
     mu_s, mu_t, n = layer_map.mu_s, layer_map.mu_t, held.n
     g_aa = (
         held.ss - torch.outer(held.sum_s, mu_s) - torch.outer(mu_s, held.sum_s) + n * torch.outer(mu_s, mu_s)
@@ -193,40 +201,61 @@ def heldout_energy(layer_map: LayerMap, held: Moments) -> tuple[float, float]:
     v_s, m, v_t = layer_map.v_s, layer_map.m, layer_map.v_t
     cross = torch.trace(m.T @ (v_s.T @ g_ab @ v_t))  # tr(W^T G_ab), V_t^T V_t = I
     mapped = torch.trace(m.T @ (v_s.T @ g_aa @ v_s) @ m)  # tr(W^T G_aa W)
-    return float(g_bb_trace - 2 * cross + mapped), float(g_bb_trace)
-
-
-def fit_layer(
-    x_s: torch.Tensor, x_t: torch.Tensor, rank: int, center: bool = False, ridge: float = 0.0
-) -> LayerMap:
-    """Fit one layer's map on paired activations x_s [N, d_s], x_t [N, d_t]."""
-    return fit_moments(Moments.of(x_s, x_t), rank, center, ridge)
-
-
-def residual_energy(layer_map: LayerMap, x_s: torch.Tensor, x_t: torch.Tensor) -> tuple[float, float]:
-    """(|X_t - X_s W|^2, |X_t|^2) (Frobenius) on the given rows, both sides centred with the fit's means."""
-    target = x_t.double() - layer_map.mu_t
-    residual = target - layer_map.apply(x_s.double() - layer_map.mu_s)
-    return float(residual.square().sum()), float(target.square().sum())
-
-
-def relative_error(layer_map: LayerMap, x_s: torch.Tensor, x_t: torch.Tensor) -> float:
-    """|X_t - X_s W| / |X_t| on the given rows; with centring both sides are centred with the fit's means, so
-    the error measures the map rather than how large the mean offset is."""
-    residual, total = residual_energy(layer_map, x_s, x_t)
-    return math.sqrt(residual / max(total, 1e-300))
+    return max(float(g_bb_trace - 2 * cross + mapped), 0.0), float(g_bb_trace)
 
 
 @dataclass
 class FitSettings:
-    """How every layer's map is fit and scored."""
+    """How every layer's map is fit and scored. Several ranks or ridges: the pair of lowest mean held-out
+    error over the layers is used (one pair for every layer, so every layer's factors have the same k)."""
 
-    rank: int
+    ranks: tuple[int, ...]
     center: bool = False
-    ridge: float = 0.0
+    ridges: tuple[float, ...] = (0.0,)
     holdout: float = 0.0  # fraction of texts left out of the fit, scored on
     folds: int = 5  # with holdout 0: k-fold cross-validation over texts for the error (< 2: no error)
     seed: int = 0
+
+    def grid(self) -> list[tuple[int, float]]:
+        return [(rank, ridge) for rank in self.ranks for ridge in self.ridges]
+
+
+@dataclass
+class LayerFits:
+    """One layer's fit on every fitted text, and the held-out error of each (rank, ridge) of the grid."""
+
+    full: Decomposed
+    errors: dict[tuple[int, float], float]  # NaN when nothing is held out
+    kind: str  # "cv<k>", "holdout" or "none"
+    n_rows: int  # rows fit on
+
+
+def layer_fits(
+    x_s: torch.Tensor, x_t: torch.Tensor, groups: torch.Tensor, n_texts: int, settings: FitSettings
+) -> LayerFits:
+    """Split the rows by their text (``groups``), fit, and score every grid point on the held-out texts."""
+    fit_texts, held_texts = split_indices(n_texts, settings.holdout, settings.seed)
+    held = torch.isin(groups, held_texts)
+    if len(held_texts):
+        fit = Moments.of(x_s[~held], x_t[~held])
+        scored, kind = [(fit, Moments.of(x_s[held], x_t[held]))], "holdout"
+    elif settings.folds >= 2:
+        fold_of = fold_of_texts(fit_texts, settings.folds, settings.seed)
+        fold = torch.tensor([fold_of[int(g)] for g in groups.tolist()], dtype=torch.long)  # [P]
+        parts = [Moments.of(x_s[fold == f], x_t[fold == f]) for f in range(settings.folds)]
+        fit = sum(parts[1:], parts[0])
+        scored, kind = [(fit - part, part) for part in parts], f"cv{settings.folds}"
+    else:
+        fit, scored, kind = Moments.of(x_s, x_t), [], "none"
+    big_k = max(settings.ranks)
+    decs = [(decompose(f, settings.center, big_k), part) for f, part in scored]
+    errors = {}
+    for rank, ridge in settings.grid():
+        energies = [heldout_energy(fit_decomposed(dec, rank, ridge), part) for dec, part in decs]
+        residual, total = sum(r for r, _ in energies), sum(e for _, e in energies)
+        errors[(rank, ridge)] = math.sqrt(residual / max(total, 1e-300)) if energies else math.nan
+    full = decs[0][0] if kind == "holdout" else decompose(fit, settings.center, big_k)
+    return LayerFits(full, errors, kind, fit.n)
 
 
 @dataclass
@@ -239,6 +268,9 @@ class Alignment:
     errors: list[float]  # held-out relative error per target layer (NaN when none was measured)
     error_kind: str  # "cv<k>" (k-fold over texts), "holdout" or "none"
     rank: int  # k actually used: effective_rank(rank asked, rows fit, d_s, d_t)
+    rank_asked: int  # the chosen rank of the grid
+    ridge: float  # the chosen ridge
+    grid_errors: dict[tuple[int, float], float]  # mean held-out error over the layers, per grid point
     n_fit: int  # texts fit on
     n_holdout: int  # texts held out
     n_pairs: int  # rows fit on (texts at the last token; token pairs otherwise)
@@ -260,41 +292,6 @@ class Alignment:
         return torch.stack(rows).float()
 
 
-def fit_and_score(
-    x_s: torch.Tensor, x_t: torch.Tensor, groups: torch.Tensor, n_texts: int, settings: FitSettings
-) -> tuple[LayerMap, float, str, int]:
-    """One layer: (map, held-out error, error kind, rows fit). Rows are split by their text (``groups``)."""
-    fit_texts, held_texts = split_indices(n_texts, settings.holdout, settings.seed)
-    held_rows = torch.isin(groups, held_texts)
-    fit_s, fit_t, fit_groups = x_s[~held_rows], x_t[~held_rows], groups[~held_rows]
-    if len(held_texts):
-        layer_map = fit_layer(fit_s, fit_t, settings.rank, settings.center, settings.ridge)
-        return layer_map, relative_error(layer_map, x_s[held_rows], x_t[held_rows]), "holdout", len(fit_s)
-    if settings.folds < 2:
-        return (
-            fit_layer(fit_s, fit_t, settings.rank, settings.center, settings.ridge),
-            math.nan,
-            "none",
-            len(fit_s),
-        )
-    fold_of = fold_of_texts(fit_texts, settings.folds, settings.seed)
-    fold = torch.tensor([fold_of[int(g)] for g in fit_groups.tolist()], dtype=torch.long)  # [P]
-    parts = [Moments.of(fit_s[fold == f], fit_t[fold == f]) for f in range(settings.folds)]
-    total = sum(parts[1:], parts[0])
-    layer_map = fit_moments(total, settings.rank, settings.center, settings.ridge)
-    error = cv_error(total, parts, settings.rank, settings.center, settings.ridge)
-    return layer_map, error, f"cv{settings.folds}", len(fit_s)
-
-
-def cv_error(total: Moments, parts: list[Moments], rank: int, center: bool, ridge: float) -> float:
-    """Relative error of each part's rows under the map fit on the others, residuals and norms summed."""
-    residual = energy = 0.0
-    for part in parts:
-        r, e = heldout_energy(fit_moments(total - part, rank, center, ridge), part)
-        residual, energy = residual + r, energy + e
-    return math.sqrt(max(residual, 0.0) / max(energy, 1e-300))
-
-
 def align(
     rows: RowsFn,
     n_texts: int,
@@ -306,25 +303,32 @@ def align(
     """Fit the map of each target layer in ``target_layers`` from ``rows(s, t)``, the paired rows of source
     layer s and target layer t (with their text indices, 0..n_texts-1)."""
     source_layers = [depth_map(t, source_num_layers, target_num_layers) for t in target_layers]
-    maps, errors = [], []
-    kind, n_pairs, d_s, d_t = "none", 0, 0, 0
+    fits, d_s, d_t = [], 0, 0
     for t, s in zip(target_layers, source_layers, strict=True):
         x_s, x_t, groups = rows(s, t)
-        layer_map, error, kind, n_pairs = fit_and_score(x_s, x_t, groups, n_texts, settings)
-        maps.append(layer_map)
-        errors.append(error)
+        fits.append(layer_fits(x_s, x_t, groups, n_texts, settings))
         d_s, d_t = x_s.shape[1], x_t.shape[1]
+    grid = settings.grid()
+    mean_errors = {point: sum(f.errors[point] for f in fits) / len(fits) for point in grid}
+    if len(grid) > 1 and fits[0].kind == "none":
+        raise ValueError(
+            "choosing among several ranks or ridges needs a held-out error: --cv-folds or --holdout"
+        )
+    rank, ridge = min(grid, key=lambda point: mean_errors[point]) if len(grid) > 1 else grid[0]
     n_hold = len(split_indices(n_texts, settings.holdout, settings.seed)[1])
     return Alignment(
-        target_layers,
-        source_layers,
-        maps,
-        errors,
-        kind,
-        effective_rank(settings.rank, n_pairs, d_s, d_t),
-        n_texts - n_hold,
-        n_hold,
-        n_pairs,
+        target_layers=target_layers,
+        source_layers=source_layers,
+        maps=[fit_decomposed(f.full, rank, ridge) for f in fits],
+        errors=[f.errors[(rank, ridge)] for f in fits],
+        error_kind=fits[0].kind,
+        rank=effective_rank(rank, fits[0].n_rows, d_s, d_t),
+        rank_asked=rank,
+        ridge=ridge,
+        grid_errors=mean_errors,
+        n_fit=n_texts - n_hold,
+        n_holdout=n_hold,
+        n_pairs=fits[0].n_rows,
     )
 
 

@@ -39,7 +39,7 @@ OPTIONAL_KEYS = (
     "aggregation", "center", "locked_template", "unlocked_template", "chat_template", "alignment_errors",
     "dtype", "alignment", "align_positions", "align_data", "align_field", "align_template", "align_n",
     "align_skip", "n_pairs", "ridge", "cv_folds", "error_kind", "layer_selection", "candidate_layers",
-    "candidate_errors",
+    "candidate_errors", "grid_errors",
 )  # fmt: skip
 FACTOR_TENSORS = ("source_directions", "align.v_s", "align.m", "align.v_t")
 

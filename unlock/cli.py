@@ -10,7 +10,7 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 
 from unlock._version import __version__
@@ -64,16 +64,40 @@ def add_extract_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--aggregation", choices=AGGREGATIONS, default="mean")
 
 
+def number_list(kind: type) -> Callable[[str], tuple]:
+    """An argparse type: "16" or "16,64,256" as a tuple of ``kind``."""
+
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(part) for part in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {kind.__name__}s separated by commas, got {text!r}"
+            ) from None
+
+    return parse
+
+
 def add_align_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("alignment and artifact")
     group.add_argument("--target", required=True, help="the model to steer")
-    group.add_argument("--rank", type=int, default=32, help="k = min(rank, pairs, hidden sizes) (default 32)")
+    group.add_argument(
+        "--rank",
+        dest="ranks",
+        type=number_list(int),
+        default=(32,),
+        metavar="K[,K...]",
+        help="k = min(rank, pairs, hidden sizes) (default 32); several: the one of lowest held-out error",
+    )
     group.add_argument("--center", action="store_true", help="centre activations before the fit")
     group.add_argument(
         "--ridge",
-        type=float,
-        default=0.0,
-        help="ridge on M, relative to the mean diagonal of X_s^T X_s (default 0: the paper's pinv)",
+        dest="ridges",
+        type=number_list(float),
+        default=(0.0,),
+        metavar="R[,R...]",
+        help="ridge on M, relative to the mean diagonal of X_s^T X_s (default 0: the paper's pinv); several: "
+        "chosen with --rank by held-out error",
     )
     group.add_argument(
         "--align-positions",

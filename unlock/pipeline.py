@@ -79,9 +79,9 @@ class ExtractConfig:
 class AlignConfig:
     target: str
     name: str
-    rank: int = 32
+    ranks: tuple[int, ...] = (32,)  # several: the one of lowest held-out error (unlock.align.FitSettings)
     center: bool = False
-    ridge: float = 0.0  # relative ridge (unlock.align.ridge_lambda); 0: the paper's pseudo-inverse
+    ridges: tuple[float, ...] = (0.0,)  # relative to X_s^T X_s (unlock.align); 0: the paper's pseudo-inverse
     holdout: float = 0.0  # fraction of alignment texts left out of the fit and scored on
     cv_folds: int = 5  # with holdout 0: the error by k-fold cross-validation over texts (< 2: none)
     seed: int = 0
@@ -181,8 +181,10 @@ def check_align(config: AlignConfig, n_extract: int) -> int:
         raise ValueError(f"unknown --align-positions {config.align_positions!r}; expected one of {POSITIONS}")
     if config.align_skip < 0:
         raise ValueError(f"--align-skip must be >= 0, got {config.align_skip}")
-    if config.ridge < 0 or not math.isfinite(config.ridge):
-        raise ValueError(f"--ridge must be a finite number >= 0, got {config.ridge}")
+    if not config.ranks or min(config.ranks) < 1:
+        raise ValueError(f"--rank must be one or more integers >= 1, got {list(config.ranks)}")
+    if not config.ridges or any(r < 0 or not math.isfinite(r) for r in config.ridges):
+        raise ValueError(f"--ridge must be finite numbers >= 0, got {list(config.ridges)}")
     if config.align_template is not None:
         load_template(config.align_template)
     if config.align_data is not None:
@@ -198,6 +200,11 @@ def check_align(config: AlignConfig, n_extract: int) -> int:
         raise ValueError(
             f"--select-layers {config.select_layers} picks layers by their held-out map error: it needs "
             "K >= 1 and an error (--cv-folds >= 2 or --holdout > 0)"
+        )
+    if len(config.ranks) * len(config.ridges) > 1 and config.holdout == 0 and config.cv_folds < 2:
+        raise ValueError(
+            "several --rank or --ridge values are chosen among by their held-out map error: it needs "
+            "--cv-folds >= 2 or --holdout > 0"
         )
     if config.holdout == 0 and config.cv_folds >= 2 and config.cv_folds > n_fit:
         raise ValueError(
@@ -385,7 +392,7 @@ def run_align(extracted: Extracted, config: AlignConfig, models: ModelCache) -> 
         return Capability.from_directions(config.name, directions, **common, metadata=meta), layers
     check_align(config, len(extracted.questions))
     settings = FitSettings(
-        config.rank, config.center, config.ridge, config.holdout, config.cv_folds, config.seed
+        tuple(config.ranks), config.center, tuple(config.ridges), config.holdout, config.cv_folds, config.seed
     )
     with ExitStack() as stack:
         rows, n_texts, align_meta = alignment_rows(extracted, config, target, models, stack)
@@ -414,12 +421,16 @@ def run_align(extracted: Extracted, config: AlignConfig, models: ModelCache) -> 
         n_pairs=str(fitted.n_pairs),
         split_seed=str(config.seed),
         rank=str(fitted.rank),
-        rank_requested=str(config.rank),
+        rank_requested=str(fitted.rank_asked),
         center=str(config.center).lower(),
-        ridge=repr(float(config.ridge)),
+        ridge=repr(float(fitted.ridge)),
         cv_folds=str(config.cv_folds),
         error_kind=fitted.error_kind,
     )
+    if len(fitted.grid_errors) > 1:
+        meta["grid_errors"] = json.dumps(
+            {f"rank={rank},ridge={ridge!r}": round(e, 6) for (rank, ridge), e in fitted.grid_errors.items()}
+        )
     if fitted.error_kind != "none":
         meta["alignment_errors"] = json.dumps([round(e, 6) for e in fitted.errors])
     if config.store == "directions":

@@ -40,14 +40,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from unlock.align import (  # noqa: E402
-    Moments,
-    decompose,
-    depth_map,
-    fit_decomposed,
-    fold_of_texts,
-    heldout_energy,
-)
+from unlock.align import FitSettings, depth_map, fit_decomposed, layer_fits  # noqa: E402
 from unlock.data import load_questions  # noqa: E402
 from unlock.pairing import corpus_pairs  # noqa: E402
 from unlock.pipeline import Extracted, flat_rows  # noqa: E402
@@ -107,6 +100,7 @@ def sweep(rows: Rows, args: argparse.Namespace) -> list[dict]:
     n_s, n_t = source.directions.shape[0], target.directions.shape[0]
     means = torch.nn.functional.normalize(target.locked_acts.double().mean(0), dim=-1)  # [n_t, d_t]
     sizes = sorted({min(n, rows.n_texts) for n in args.texts})
+    settings = FitSettings(tuple(args.ranks), args.center, tuple(args.ridges), folds=args.folds)
     out = []
     for t in tqdm(range(n_t), desc="target layers", unit="layer"):
         s = depth_map(t, n_s, n_t)
@@ -116,29 +110,19 @@ def sweep(rows: Rows, args: argparse.Namespace) -> list[dict]:
         for mode, (src_rows, tgt_rows, groups) in rows.triples.items():
             for n in sizes:
                 keep = groups < n
-                x_s, x_t, g = x_s_all[src_rows[keep]], x_t_all[tgt_rows[keep]], groups[keep]
-                fold_of = fold_of_texts(torch.arange(n), args.folds)
-                fold = torch.tensor([fold_of[int(i)] for i in g.tolist()])
-                parts = [Moments.of(x_s[fold == f], x_t[fold == f]) for f in range(args.folds)]
-                total = sum(parts[1:], parts[0])
-                full = decompose(total, args.center)
-                held = [decompose(total - part, args.center) for part in parts]
-                for rank in args.ranks:
-                    for ridge in args.ridges:
-                        layer_map = fit_decomposed(full, rank, ridge)
-                        mapped = layer_map.apply(source.directions[s])
-                        residual = energy = 0.0
-                        for dec, part in zip(held, parts, strict=True):
-                            r, e = heldout_energy(fit_decomposed(dec, rank, ridge), part)
-                            residual, energy = residual + r, energy + e
-                        out.append({
-                            "positions": mode, "texts": n, "pairs": len(g), "rank": layer_map.m.shape[0],
-                            "rank_asked": rank, "ridge": ridge, "target_layer": t, "source_layer": s,
-                            "agreement": float(cos(mapped, target.directions[t].double(), dim=0)),
-                            "agreement_off_mean": float(cos(off_axis(mapped, axis), own_off, dim=0)),
-                            "ceiling": float((layer_map.v_t.T @ own_off).norm() / own_off.norm()),
-                            "cv_error": math.sqrt(max(residual, 0.0) / energy),
-                        })  # fmt: skip
+                x_s, x_t = x_s_all[src_rows[keep]], x_t_all[tgt_rows[keep]]
+                fits = layer_fits(x_s, x_t, groups[keep], n, settings)  # what `unlock align` computes
+                for rank, ridge in settings.grid():
+                    layer_map = fit_decomposed(fits.full, rank, ridge)
+                    mapped = layer_map.apply(source.directions[s])
+                    out.append({
+                        "positions": mode, "texts": n, "pairs": fits.n_rows, "rank": layer_map.m.shape[0],
+                        "rank_asked": rank, "ridge": ridge, "target_layer": t, "source_layer": s,
+                        "agreement": float(cos(mapped, target.directions[t].double(), dim=0)),
+                        "agreement_off_mean": float(cos(off_axis(mapped, axis), own_off, dim=0)),
+                        "ceiling": float((layer_map.v_t.T @ own_off).norm() / own_off.norm()),
+                        "cv_error": fits.errors[(rank, ridge)],
+                    })  # fmt: skip
     return out
 
 

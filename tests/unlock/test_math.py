@@ -115,11 +115,11 @@ def test_align_uses_the_mapped_source_layer_across_sizes_and_depths():
         source[:, depth_map(t, n_s, n_t)] = z @ rng.normal(size=(latent, d_s))
         target[:, t] = z @ rng.normal(size=(latent, d_t))
     fitted = align_activations(
-        torch.tensor(source), torch.tensor(target), [0, 1, 2, 3], FitSettings(latent, holdout=0.25, seed=3)
+        torch.tensor(source), torch.tensor(target), [0, 1, 2, 3], FitSettings((latent,), holdout=0.25, seed=3)
     )
     assert fitted.source_layers == [0, 1, 3, 5]
     assert (fitted.n_fit, fitted.n_holdout, fitted.rank) == (45, 15, latent)
-    assert max(fitted.errors) < 1e-8
+    assert max(fitted.errors) < 1e-6  # held-out errors come from moments: exact to ~sqrt(eps)
     # The error is the held-out relative residual, recomputed here.
     fit, held = split_indices(n, 0.25, 3)
     for t, s, layer_map, error in zip(
@@ -128,7 +128,7 @@ def test_align_uses_the_mapped_source_layer_across_sizes_and_depths():
         w = dense_map(source[fit.numpy(), s], target[fit.numpy(), t], latent, False)
         np.testing.assert_allclose(as_dense(layer_map), w, atol=1e-8)
         x_s, x_t = source[held.numpy(), s], target[held.numpy(), t]
-        assert error == pytest.approx(np.linalg.norm(x_t - x_s @ w) / np.linalg.norm(x_t), abs=1e-9)
+        assert error == pytest.approx(np.linalg.norm(x_t - x_s @ w) / np.linalg.norm(x_t), abs=1e-7)
 
 
 def test_exact_linear_relation_is_recovered_on_held_out_data():
@@ -140,19 +140,19 @@ def test_exact_linear_relation_is_recovered_on_held_out_data():
     x_t = x_s @ a  # both layers related by the same A
     for rank in (d, 64):  # k = min(rank, N) and never above the hidden size
         fitted = align_activations(
-            torch.tensor(x_s), torch.tensor(x_t), [0, 1], FitSettings(rank, holdout=0.25)
+            torch.tensor(x_s), torch.tensor(x_t), [0, 1], FitSettings((rank,), holdout=0.25)
         )
         assert fitted.rank == d
         for layer_map, error in zip(fitted.maps, fitted.errors, strict=True):
             np.testing.assert_allclose(as_dense(layer_map), a, atol=1e-8)
-            assert error < 1e-10
+            assert error < 1e-6
 
 
 def test_target_directions_apply_the_map_to_the_mapped_source_direction():
     n, n_s, n_t, d_s, d_t = 30, 5, 3, 12, 9
     source, target = rng.normal(size=(n, n_s, d_s)), rng.normal(size=(n, n_t, d_t))
     directions = rng.normal(size=(n_s, d_s))
-    settings = FitSettings(4, center=True, holdout=0.0, folds=0)
+    settings = FitSettings((4,), center=True, holdout=0.0, folds=0)
     fitted = align_activations(torch.tensor(source), torch.tensor(target), [0, 2], settings)
     assert fitted.n_holdout == 0 and fitted.error_kind == "none" and all(math.isnan(e) for e in fitted.errors)
     got = fitted.target_directions(torch.tensor(directions))

@@ -20,7 +20,6 @@ from unlock.align import (
     fit_layer,
     fit_moments,
     fold_of_texts,
-    residual_energy,
     split_indices,
 )
 from unlock.capture import capture_last_token, format_prompts, load_model
@@ -156,7 +155,7 @@ def test_holdout_leaves_out_whole_texts():
     poisoned[torch.isin(groups, held)] = (
         1e6  # the held-out texts' rows: were any fit on, the map would show it
     )
-    settings = FitSettings(6, holdout=0.25, seed=1)
+    settings = FitSettings((6,), holdout=0.25, seed=1)
     fitted = align(lambda s, t: (x_s, poisoned, groups), n_texts, 1, 1, [0], settings)
     keep = torch.isin(groups, fit)
     reference = fit_layer(x_s[keep], x_t[keep], 6)
@@ -168,7 +167,7 @@ def test_holdout_leaves_out_whole_texts():
 def test_cross_validation_refits_without_each_fold_of_texts_and_the_map_uses_every_text():
     n_texts, d_s, d_t, folds = 12, 8, 6, 4
     x_s, x_t, groups = grouped_rows(n_texts, 3, d_s, d_t)
-    settings = FitSettings(5, center=True, ridge=0.05, folds=folds, seed=2)
+    settings = FitSettings((5,), center=True, ridges=(0.05,), folds=folds, seed=2)
     fitted = align(lambda s, t: (x_s, x_t, groups), n_texts, 1, 1, [0], settings)
     assert (fitted.n_fit, fitted.n_holdout, fitted.n_pairs, fitted.error_kind) == (12, 0, 36, "cv4")
     everything = fit_layer(x_s, x_t, 5, True, 0.05)  # the stored map: fit on every text
@@ -180,7 +179,9 @@ def test_cross_validation_refits_without_each_fold_of_texts_and_the_map_uses_eve
     residual = energy = 0.0
     for k in range(folds):  # refit from the rows themselves, not from moments
         held_map = fit_layer(x_s[fold != k], x_t[fold != k], 5, True, 0.05)
-        r, e = residual_energy(held_map, x_s[fold == k], x_t[fold == k])
+        target = x_t[fold == k] - held_map.mu_t
+        residual_rows = target - held_map.apply(x_s[fold == k] - held_map.mu_s)
+        r, e = float(residual_rows.square().sum()), float(target.square().sum())
         residual, energy = residual + r, energy + e
     assert fitted.errors[0] == pytest.approx(math.sqrt(residual / energy), rel=1e-9)
     parts = Moments.of(x_s[:10], x_t[:10]) + Moments.of(x_s[10:], x_t[10:])
@@ -198,6 +199,13 @@ def corpus(path: Path, n: int) -> Path:
     ]
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
     return path
+
+
+def plain_build(tmp_path: Path, source: Path, target: Path) -> list[str]:
+    return [
+        "build", "--source-locked", str(source), "--target", str(target), "--data", str(DEMO), "-n", "12",
+        "--name", "x", "-o", str(tmp_path / "x.safetensors"), "--device", "cpu",
+    ]  # fmt: skip
 
 
 def build(tmp_path: Path, source: Path, target: Path, name: str, *extra: str) -> Capability:
@@ -299,10 +307,7 @@ def test_select_layers_keeps_the_layers_of_lowest_held_out_error(
     everything = build(tmp_path, tiny_source_model, tiny_target_model, "all")  # same fit, every layer
     rows = [candidates.index(layer) for layer in lowest]
     torch.testing.assert_close(capability.target_directions(), everything.target_directions()[rows])
-    argv = [
-        "build", "--source-locked", str(tiny_source_model), "--target", str(tiny_target_model), "--data",
-        str(DEMO), "-n", "12", "--name", "x", "-o", str(tmp_path / "x.safetensors"), "--device", "cpu",
-    ]  # fmt: skip
+    argv = plain_build(tmp_path, tiny_source_model, tiny_target_model)
     capsys.readouterr()
     assert main([*argv, "--select-layers", "0"]) == 2
     assert "--select-layers 0 picks layers by their held-out map error" in capsys.readouterr().err
@@ -337,3 +342,22 @@ def test_unlock_capture_ahead_is_what_align_reads(
         "12",
     )
     assert int(meta["n_pairs"]) > 12
+
+
+def test_rank_and_ridge_are_chosen_by_held_out_error(tmp_path, capsys, tiny_source_model, tiny_target_model):
+    grid = build(tmp_path, tiny_source_model, tiny_target_model, "grid", "--rank", "2,8", "--ridge", "0,0.5")
+    meta = grid.metadata
+    errors = json.loads(meta["grid_errors"])
+    assert sorted(errors) == ["rank=2,ridge=0.0", "rank=2,ridge=0.5", "rank=8,ridge=0.0", "rank=8,ridge=0.5"]
+    chosen = f"rank={meta['rank_requested']},ridge={meta['ridge']}"
+    assert errors[chosen] == min(errors.values())
+    # The chosen point alone gives the same capability, bar the record of the grid.
+    single = build(tmp_path, tiny_source_model, tiny_target_model, "grid", "--rank", meta["rank_requested"],
+                   "--ridge", meta["ridge"])  # fmt: skip
+    torch.testing.assert_close(grid.target_directions(), single.target_directions())
+    assert grid.alignment_errors == single.alignment_errors and "grid_errors" not in single.metadata
+    assert sum(grid.alignment_errors) / 4 == pytest.approx(errors[chosen], abs=1e-6)
+    argv = plain_build(tmp_path, tiny_source_model, tiny_target_model)
+    capsys.readouterr()
+    assert main([*argv, "--rank", "2,8", "--cv-folds", "0"]) == 2
+    assert "needs --cv-folds >= 2 or --holdout > 0" in capsys.readouterr().err
