@@ -274,6 +274,13 @@ def describe(capability: Capability) -> str:
             f"{meta.get('n_holdout')} held out; rank {meta.get('rank')}, ridge {meta.get('ridge', '0.0')}, "
             f"center={meta.get('center')}; error: {meta.get('error_kind', 'holdout')}"
         )
+    if "layer_selection" in meta:
+        lines.append(
+            f"layers      {len(capability.layers)} of {json.loads(meta['candidate_layers'])} with the lowest "
+            "held-out error"
+        )
+    if "grid_errors" in meta:
+        lines.append(f"grid        mean held-out error {meta['grid_errors']}")
     lines.append(f"version     unlock {meta['unlock_version']}")
     errors = capability.alignment_errors or [math.nan] * len(capability.layers)
     sources = (

@@ -297,6 +297,7 @@ def test_select_layers_keeps_the_layers_of_lowest_held_out_error(
     tmp_path, capsys, tiny_source_model, tiny_target_model
 ):
     capability = build(tmp_path, tiny_source_model, tiny_target_model, "sel", "--select-layers", "2")
+    assert "layers      2 of [0, 1, 2, 3] with the lowest held-out error" in capsys.readouterr().out
     meta = capability.metadata
     candidates, errors = json.loads(meta["candidate_layers"]), json.loads(meta["candidate_errors"])
     assert candidates == [0, 1, 2, 3] and meta["layer_selection"] == "lowest-error:2"
@@ -346,6 +347,7 @@ def test_unlock_capture_ahead_is_what_align_reads(
 
 def test_rank_and_ridge_are_chosen_by_held_out_error(tmp_path, capsys, tiny_source_model, tiny_target_model):
     grid = build(tmp_path, tiny_source_model, tiny_target_model, "grid", "--rank", "2,8", "--ridge", "0,0.5")
+    assert "grid        mean held-out error {" in capsys.readouterr().out
     meta = grid.metadata
     errors = json.loads(meta["grid_errors"])
     assert sorted(errors) == ["rank=2,ridge=0.0", "rank=2,ridge=0.5", "rank=8,ridge=0.0", "rank=8,ridge=0.5"]
