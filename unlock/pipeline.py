@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -16,15 +15,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
 from unlock._version import __version__
-from unlock.align import FitSettings, RowsFn, align, split_indices
+from unlock.align import FitSettings, align, split_indices
 from unlock.artifacts import Capability, TargetInfo, read_header_metadata, serialize, write_atomic
 from unlock.capture import LoadedModel, capture_last_token, format_prompts, load_model
 from unlock.data import load_questions
 from unlock.directions import extract_directions
 from unlock.layers import parse_layer_spec
 from unlock.ops import MODES
-from unlock.pairing import POSITIONS, corpus_pairs
-from unlock.streams import Chunk, capture_streams, load_layer
+from unlock.pairing import POSITIONS
+from unlock.rows import alignment_rows
+from unlock.streams import Chunk, capture_streams
 from unlock.templates import load_template, template_label
 
 EXTRACTED_TAG = "unlock.extracted"
@@ -278,88 +278,6 @@ def run_capture(config: CaptureConfig, models: ModelCache) -> list[Chunk]:
     prompts = format_prompts(lm.tokenizer, questions, template, opts.chat)
     with models.timer.stage("capture"):
         return capture_streams(lm, prompts, config.capture_dir, opts.batch_size, opts.chat)
-
-
-def alignment_rows(
-    extracted: Extracted, config: AlignConfig, target: LoadedModel, models: ModelCache, stack: ExitStack
-) -> tuple[RowsFn, int, dict[str, str]]:
-    """The paired rows the maps are fit on (`unlock.align.RowsFn`), the number of texts, and the metadata that
-    says where they came from. Captures the target, and the source too on a corpus of its own or at every
-    token."""
-    opts, timer = models.options, models.timer
-    chat = extracted.metadata["chat_template"] == "true"
-    if config.align_data is None:
-        texts = extracted.questions
-    else:
-        texts = load_questions(config.align_data, config.align_field, config.align_n)
-    template = (
-        extracted.metadata["locked_template_text"]
-        if config.align_template is None
-        else load_template(config.align_template)
-    )
-    meta = {
-        "align_positions": config.align_positions,
-        "align_data": "extraction prompts" if config.align_data is None else Path(config.align_data).name,
-        "align_field": extracted.metadata["field"] if config.align_data is None else config.align_field,
-        "align_template": (
-            extracted.metadata["locked_template"]
-            if config.align_template is None
-            else template_label(config.align_template)
-        ),
-        "align_n": str(len(texts)),
-    }
-    reuse_source = config.align_data is None and config.align_positions == "last"
-    source = None if reuse_source else models.get(extracted.metadata["source_locked"])
-    if source is not None and str(source.num_layers) != extracted.metadata["source_num_layers"]:
-        raise ValueError(f"source {source.name!r} no longer has the shape recorded in the extracted file")
-    if config.align_positions == "last":
-        with timer.stage("capture target"):
-            prompts = format_prompts(target.tokenizer, texts, template, chat)
-            target_acts = capture_last_token(target, prompts, opts.batch_size, chat, "target")
-        if source is None:
-            source_acts = extracted.locked_acts
-        else:
-            with timer.stage("capture source on the alignment texts"):
-                prompts = format_prompts(source.tokenizer, texts, template, chat)
-                source_acts = capture_last_token(source, prompts, opts.batch_size, chat, "source")
-        index = torch.arange(len(texts))
-        rows: RowsFn = lambda s, t: (source_acts[:, s], target_acts[:, t], index)  # noqa: E731
-        return rows, len(texts), meta
-    assert source is not None
-    prompts = format_prompts(source.tokenizer, texts, template, chat)
-    if prompts != format_prompts(target.tokenizer, texts, template, chat):
-        raise ValueError(
-            "--align-positions all pairs tokens by character offset in one text, but the two chat templates "
-            "make different texts; drop --chat-template or use --align-positions last"
-        )
-    root = config.capture_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="unlock-streams-"))
-    with timer.stage("capture source, all positions"):
-        chunks_s = capture_streams(source, prompts, root, opts.batch_size, chat)
-    with timer.stage("capture target, all positions"):
-        chunks_t = capture_streams(target, prompts, root, opts.batch_size, chat)
-    ends_s = [e for chunk in chunks_s for e in chunk.ends]
-    ends_t = [e for chunk in chunks_t for e in chunk.ends]
-    pairs = corpus_pairs(prompts, ends_s, ends_t, config.align_skip)
-    src_rows, tgt_rows, groups = flat_rows(pairs, [len(e) for e in ends_s], [len(e) for e in ends_t])
-    meta["align_skip"] = str(config.align_skip)
-    rows = lambda s, t: (  # noqa: E731
-        load_layer(chunks_s, s)[src_rows],
-        load_layer(chunks_t, t)[tgt_rows],
-        groups,
-    )
-    return rows, len(texts), meta
-
-
-def flat_rows(
-    pairs: list[list[tuple[int, int]]], lengths_s: list[int], lengths_t: list[int]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-text position pairs -> rows of the concatenated streams: (source rows, target rows, text), [P]."""
-    start_s = [0, *torch.tensor(lengths_s).cumsum(0).tolist()]
-    start_t = [0, *torch.tensor(lengths_t).cumsum(0).tolist()]
-    src = [start_s[k] + i for k, text in enumerate(pairs) for i, _ in text]
-    tgt = [start_t[k] + j for k, text in enumerate(pairs) for _, j in text]
-    groups = [k for k, text in enumerate(pairs) for _ in text]
-    return torch.tensor(src, dtype=torch.long), torch.tensor(tgt, dtype=torch.long), torch.tensor(groups)
 
 
 def run_align(extracted: Extracted, config: AlignConfig, models: ModelCache) -> tuple[Capability, list[int]]:
