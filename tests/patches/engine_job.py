@@ -4,6 +4,7 @@ Usage: python engine_job.py SPEC.json OUT.json. Each test engine (plugin on/off,
 fresh process so that the plugin's process-wide wrapping and torch.compile state never leak between them.
 
 SPEC keys: model, plugin (bool: steering engine vs an engine with the plugin excluded by VLLM_PLUGINS),
+device ("cpu" | "cuda"), model_runner ("v1" | "v2"), cudagraph_mode (compiled CUDA: "FULL" | "PIECEWISE"),
 eager, prefix_caching, max_num_batched_tokens, max_tokens, mode ("sync" | "async_register"), and
 phases: [{"register": [path, ...], "unregister": [sha, ...], "requests": [{"prompt", "selection"}]}].
 A selection is [[sha256, strength, mode], ...]; the phases run one after the other, each request list as
@@ -19,7 +20,8 @@ import sys
 
 
 def _setup_env(spec: dict) -> None:
-    os.environ["VLLM_TARGET_DEVICE"] = "cpu"
+    if spec.get("device", "cpu") == "cpu":
+        os.environ["VLLM_TARGET_DEVICE"] = "cpu"
     # A fresh compile cache per job, so a cached graph of another configuration can never be loaded.
     os.environ["VLLM_CACHE_ROOT"] = spec["cache_root"]
     if not spec["plugin"]:
@@ -40,13 +42,20 @@ def _engine_args(spec: dict) -> dict:
         block_size=32,  # the CPU backend's smallest; short prompts then fill whole (cacheable) blocks
         kv_cache_memory_bytes=spec.get("kv_cache_bytes", 64 * 2**20),
     )
+    if spec.get("cudagraph_mode"):
+        args["compilation_config"] = {"cudagraph_mode": spec["cudagraph_mode"]}
     if spec.get("max_num_batched_tokens"):
         args["max_num_batched_tokens"] = spec["max_num_batched_tokens"]
         args["enable_chunked_prefill"] = True
     if spec["plugin"]:
         import unlock_vllm
 
-        args.update(unlock_vllm.engine_kwargs(max_capabilities=spec.get("max_capabilities", 8)))
+        args.update(
+            unlock_vllm.engine_kwargs(
+                max_capabilities=spec.get("max_capabilities", 8),
+                model_runner=spec.get("model_runner", "v1"),
+            )
+        )
     return args
 
 

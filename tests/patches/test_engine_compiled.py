@@ -8,6 +8,7 @@ from conftest import (
     EQUIVALENCE_SELECTIONS,
     EQUIVALENCE_TOKENS,
     check_equivalence,
+    cudagraph_modes,
     equivalence_requests,
     register_list,
     run_job,
@@ -16,11 +17,12 @@ from conftest import (
 pytestmark = pytest.mark.compiled
 
 
-@pytest.fixture(scope="module")
-def compiled_results(tiny_target_model, capabilities, tmp_path_factory):
+@pytest.fixture(scope="module", params=cudagraph_modes())
+def compiled_results(request, tiny_target_model, capabilities, tmp_path_factory):
     common = {
         "model": str(tiny_target_model),
         "eager": False,
+        "cudagraph_mode": request.param,
         "prefix_caching": True,
         "max_tokens": EQUIVALENCE_TOKENS,
     }

