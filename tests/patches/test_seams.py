@@ -172,8 +172,8 @@ def engine_config(**changes):
     """A real VllmConfig with some parallel/cache settings changed (as a GPU platform would keep them)."""
     config = seams.get("VllmConfig")()
     for dotted, value in changes.items():
-        section, name = dotted.split("__")
-        setattr(getattr(config, section), name, value)
+        section, _, name = dotted.rpartition("__")
+        setattr(getattr(config, section) if section else config, name, value)
     return config
 
 
@@ -184,6 +184,7 @@ def engine_config(**changes):
         ({"parallel_config__ubatch_size": 2}, "micro-batching"),
         ({"cache_config__kv_sharing_fast_prefill": True}, "KV-sharing fast prefill"),
         ({"parallel_config__prefill_context_parallel_size": 2}, "prefill context parallelism"),
+        ({"speculative_config": SimpleNamespace(method="ngram")}, "speculative decoding"),
         ({"parallel_config__data_parallel_external_lb": True}, "external or hybrid data-parallel"),
         ({"parallel_config__data_parallel_hybrid_lb": True}, "external or hybrid data-parallel"),
     ],
