@@ -63,6 +63,7 @@ async def create_app(
         Metrics(),
         settings.max_upload_bytes,
         settings.max_strength,
+        settings.registry_poll_interval,
     )
     app.state.unlock_service = service
     _drop_routes(app.router.routes, REPLACED_PATHS)
@@ -79,8 +80,11 @@ async def create_app(
         await service.start()
         if on_start is not None:
             await on_start(service)
-        async with vllm_lifespan(app_):
-            yield
+        try:
+            async with vllm_lifespan(app_):
+                yield
+        finally:
+            await service.stop()
 
     app.router.lifespan_context = lifespan
     # vLLM's build_app already built the middleware stack; drop it so Starlette rebuilds it with ours on the

@@ -75,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(env UNLOCK_DRAIN_TIMEOUT); default 30",
     )
     ours.add_argument(
+        "--registry-poll-interval",
+        type=float,
+        default=None,
+        help="seconds between reads of the shared capability manifest, the bound on how long a change "
+        "made through another replica takes to be usable here (env UNLOCK_REGISTRY_POLL_INTERVAL); default 2",
+    )
+    ours.add_argument(
         "--steering-runner",
         choices=MODEL_RUNNERS,
         default=None,
@@ -107,6 +114,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "max_upload_bytes": args.max_upload_bytes,
         "max_concurrent_requests": args.max_concurrent_requests,
         "drain_timeout": args.drain_timeout,
+        "registry_poll_interval": args.registry_poll_interval,
     }
     settings = Settings(**{k: v for k, v in flags.items() if v is not None})
     # Auth is ours (401 vs 403, every route but /health and /metrics); vLLM's would answer 401 for both.

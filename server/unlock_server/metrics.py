@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+# Seconds from another replica's manifest write to its registration here: the poll interval (2 s by default)
+# plus the registration itself.
+PROPAGATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 30, 60)
 
 
 class Metrics:
@@ -20,7 +24,25 @@ class Metrics:
             registry=registry,
         )
         self.registry_size = Gauge(
-            "unlock_registry_capabilities", "Capabilities in the registry.", registry=registry
+            "unlock_registry_capabilities",
+            "Capabilities in the registry, as this replica last applied it.",
+            registry=registry,
+        )
+        self.registry_generation = Gauge(
+            "unlock_registry_generation",
+            "Generation of the shared manifest this replica last applied.",
+            registry=registry,
+        )
+        self.engine_capabilities = Gauge(
+            "unlock_engine_capabilities",
+            "Distinct capability contents (sha256) registered on this replica's engine.",
+            registry=registry,
+        )
+        self.propagation = Histogram(
+            "unlock_registry_propagation_seconds",
+            "Delay from a manifest change by another replica to its registration on this one.",
+            buckets=PROPAGATION_BUCKETS,
+            registry=registry,
         )
         self.uploads = Counter(
             "unlock_uploads", "Capability uploads by outcome.", ["outcome"], registry=registry

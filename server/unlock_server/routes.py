@@ -34,7 +34,7 @@ async def upload_capability(
 
 @router.get("/v1/capabilities")
 async def list_capabilities(service: Service) -> dict[str, Any]:
-    return {"object": "list", "data": service.list()}
+    return {"object": "list", "data": service.list(), "registry": service.sync_status()}
 
 
 @router.get("/v1/capabilities/{name}")
@@ -63,7 +63,8 @@ async def list_models(request: Request, service: Service) -> dict[str, Any]:
 
 @router.get("/health")
 async def health(request: Request, service: Service) -> JSONResponse:
-    """Engine liveness plus proof that steering is installed (wrapped layers per worker)."""
+    """Engine liveness, proof that steering is installed (wrapped layers per worker), and this replica's
+    sync with the shared registry."""
     engine = request.app.state.engine_client
     try:
         await engine.check_health()
@@ -75,7 +76,8 @@ async def health(request: Request, service: Service) -> JSONResponse:
     body = {
         "status": "ok" if ok else "degraded",
         "model": service.shape.served_names[0],
-        "capabilities": len(service.registry.entries()),
+        "capabilities": len(service.list()),
+        "registry": service.sync_status(),
         "plugin": {"wrapped_layers": min(wrapped, default=0), "workers": workers},
     }
     return JSONResponse(body, status_code=200 if ok else 503)

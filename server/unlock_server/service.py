@@ -1,14 +1,16 @@
 """Capability lifecycle in the API process: upload, delete, resolve per request, in-flight tracking.
 
-Invariants: a capability is registered on every worker before its name is published; a name that is gone
-(deleted or replaced) is refused at once, but its worker registration is dropped only when no request in
-flight still uses that sha256 and no other name points at the same content.
+Invariants: a capability is registered on every worker of this replica before its name is published, and
+before this replica offers a name another replica published; a name that is gone (deleted or replaced) is
+refused at once, but its worker registration is dropped only when no request in flight still uses that
+sha256 and no other name points at the same content.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter as Tally
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -17,7 +19,7 @@ from typing import Any
 from .engine import EngineRPCError, Workers
 from .errors import APIError
 from .metrics import Metrics
-from .registry import Entry, Registry, Staged, check_name
+from .registry import Entry, Manifest, Registry, Staged, check_name
 from .selection import PARAM, Choice
 
 logger = logging.getLogger(__name__)
@@ -73,6 +75,13 @@ def _entry(name: str, capability: Any, sha256: str, size: int) -> Entry:
 
 
 class CapabilityService:
+    """This replica's side of a registry that other replicas may share.
+
+    `_view` is the manifest as applied to this engine: requests resolve against it only, so a name is never
+    offered before its content is registered here. Writes change the manifest on disk under the registry's
+    lock, then apply it; a poll every `poll_interval` seconds applies what other writers changed.
+    """
+
     def __init__(
         self,
         registry: Registry,
@@ -81,6 +90,7 @@ class CapabilityService:
         metrics: Metrics,
         max_upload_bytes: int,
         max_strength: float,
+        poll_interval: float = 2.0,
     ):
         self.registry = registry
         self.workers = workers
@@ -88,37 +98,93 @@ class CapabilityService:
         self.metrics = metrics
         self.max_upload_bytes = max_upload_bytes
         self.max_strength = max_strength
-        self._lock = asyncio.Lock()  # one write at a time: uploads, deletes
+        self.poll_interval = poll_interval
+        self._lock = asyncio.Lock()  # one change of the view at a time: uploads, deletes, polls
+        self._view: dict[str, Entry] = {}
+        self._generation = 0  # of the manifest `_view` was last brought in line with
+        self._last_sync = 0.0  # wall time of that
+        self._last_propagation: float | None = None
         self._loaded: set[str] = set()  # sha256s registered on the workers
         self._in_flight: Tally[str] = Tally()
-        self._unavailable: dict[str, str] = {}  # name -> why it could not be registered at start
+        self._unavailable: dict[str, str] = {}  # name -> why it could not be registered here
         self._tasks: set[asyncio.Task] = set()
+        self._poller: asyncio.Task | None = None
 
     async def start(self) -> None:
-        """Reload the registry and register every entry on the workers; unusable entries are reported."""
-        for entry in self.registry.load():
+        """Open the registry, register every entry on the workers (unusable ones are reported), then poll."""
+        manifest = await asyncio.to_thread(self.registry.open)
+        async with self._lock:
+            await self._apply(manifest)
+        logger.info(
+            "capability registry %s (writer %s): %d capabilities, %d unavailable; polled every %g s",
+            self.registry.root,
+            self.registry.owner,
+            len(self._view),
+            len(self._unavailable),
+            self.poll_interval,
+        )
+        self._poller = asyncio.get_running_loop().create_task(self._poll())
+
+    async def stop(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
+        self.registry.close()
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
             try:
-                capability = _validate(self.registry.blob_path(entry.sha256).read_bytes(), self.shape)
-                del capability
-                await self._ensure_loaded(entry.sha256)
+                await self.sync()
+            except Exception:  # a bad read must not end polling; the next tick tries again
+                logger.exception("capability registry sync failed")
+
+    async def sync(self) -> None:
+        """Bring this engine in line with the manifest on disk (what other replicas changed)."""
+        async with self._lock:
+            await self._apply(await asyncio.to_thread(self.registry.read))
+
+    async def _apply(self, manifest: Manifest) -> None:
+        """Register new and changed entries, retire content no entry names any more, then switch the view.
+        Call with `_lock` held."""
+        old = self._view
+        changed = False
+        for name, entry in manifest.entries.items():
+            before = old.get(name)
+            if before is not None and before.sha256 == entry.sha256:
+                continue
+            changed = True
+            try:
+                if entry.sha256 not in self._loaded:  # loaded means it was validated against this model
+                    _validate(self.registry.blob_path(entry.sha256).read_bytes(), self.shape)
+                    await self._ensure_loaded(entry.sha256)
+                self._unavailable.pop(name, None)
             except (APIError, EngineRPCError, OSError) as err:
                 reason = err.message if isinstance(err, APIError) else str(err)
-                self._unavailable[entry.name] = reason
-                logger.error("capability %r (%s) is unavailable: %s", entry.name, entry.sha256[:12], reason)
-        self.metrics.registry_size.set(len(self.registry.entries()))
-        logger.info(
-            "capability registry %s: %d capabilities, %d unavailable",
-            self.registry.root,
-            len(self.registry.entries()),
-            len(self._unavailable),
-        )
+                self._unavailable[name] = reason
+                logger.error("capability %r (%s) is unavailable: %s", name, entry.sha256[:12], reason)
+        for name in old.keys() - manifest.entries.keys():
+            changed = True
+            self._unavailable.pop(name, None)
+        self._view = dict(manifest.entries)
+        for sha256 in {e.sha256 for e in old.values()} - {e.sha256 for e in self._view.values()}:
+            await self._retire(sha256)
+        now = time.time()
+        if changed and self._last_sync and manifest.writer not in (None, self.registry.owner):
+            # Measured from the last manifest write this poll saw; hosts' clocks must agree (NTP).
+            self._last_propagation = max(0.0, now - manifest.updated_at)
+            self.metrics.propagation.observe(self._last_propagation)
+        self._generation, self._last_sync = manifest.generation, now
+        self.metrics.registry_size.set(len(self._view))
+        self.metrics.registry_generation.set(manifest.generation)
+        self.metrics.engine_capabilities.set(len(self._loaded))
 
     # ---- reads
     def list(self) -> list[dict[str, Any]]:
-        return [self.public(e) for e in self.registry.entries()]
+        return [self.public(e) for _, e in sorted(self._view.items())]
 
     def get(self, name: str) -> dict[str, Any]:
-        entry = self.registry.get(name)
+        entry = self._view.get(name)
         if entry is None:
             raise APIError(
                 404, f"no capability named {name!r}; GET /v1/capabilities lists them", param="name"
@@ -131,6 +197,20 @@ class CapabilityService:
         if status == "unavailable":
             out["error"] = self._unavailable[entry.name]
         return out
+
+    def sync_status(self) -> dict[str, Any]:
+        """This replica's view of the shared registry: `lag` is the age of its last sync, which stays near
+        `poll_interval` on a healthy replica; `propagation` is how long the last change by another writer
+        took to be registered here."""
+        return {
+            "writer": self.registry.owner,
+            "generation": self._generation,
+            "last_sync": self._last_sync,
+            "lag": max(0.0, time.time() - self._last_sync),
+            "poll_interval": self.poll_interval,
+            "propagation": self._last_propagation,
+            "loaded": len(self._loaded),
+        }
 
     # ---- writes
     async def upload(
@@ -155,7 +235,9 @@ class CapabilityService:
         capability = _validate(staged.path.read_bytes(), self.shape)
         name = check_name(name or capability.name)
         async with self._lock:
-            existing = self.registry.get(name)
+            # Judge "unchanged" and 409 on the manifest as it is now, not on this replica's last poll.
+            await self._apply(await asyncio.to_thread(self.registry.read))
+            existing = self._view.get(name)
             if existing is not None and existing.sha256 == staged.sha256 and name not in self._unavailable:
                 self.metrics.uploads.labels("unchanged").inc()
                 return self.public(existing), False
@@ -166,19 +248,23 @@ class CapabilityService:
                     f"(sha256 {existing.sha256[:12]}); add ?replace=true to replace it",
                     param="name",
                 )
-            self.registry.place(staged)
+            await asyncio.to_thread(self.registry.place, staged)
+            entry = _entry(name, capability, staged.sha256, staged.size_bytes)
             try:
                 await self._ensure_loaded(staged.sha256)
-            except EngineRPCError as err:
-                self.registry.drop_blob(staged.sha256)
+                # Re-checks the name under the registry lock: another replica may have taken it meanwhile.
+                manifest, previous = await asyncio.to_thread(self.registry.publish, entry, replace)
+            except (EngineRPCError, APIError) as err:
+                await self._retire(staged.sha256)
+                await asyncio.to_thread(self.registry.release, staged.sha256)
+                if isinstance(err, APIError):
+                    raise
                 raise APIError(500, f"the engine refused capability {name!r}: {err}") from None
-            entry = _entry(name, capability, staged.sha256, staged.size_bytes)
-            self.registry.publish(entry)
             self._unavailable.pop(name, None)
-            if existing is not None and existing.sha256 != entry.sha256:
-                await self._retire(existing.sha256)
-        self.metrics.uploads.labels("replaced" if existing else "created").inc()
-        self.metrics.registry_size.set(len(self.registry.entries()))
+            await self._apply(manifest)
+            if previous is not None and previous.sha256 != entry.sha256:
+                await asyncio.to_thread(self.registry.drop_blob, previous.sha256)
+        self.metrics.uploads.labels("replaced" if previous else "created").inc()
         logger.info(
             "capability %r registered (sha256 %s, %s, layers %s)",
             name,
@@ -186,20 +272,21 @@ class CapabilityService:
             entry.mode,
             entry.layers,
         )
-        return self.public(entry), True
+        return self.public(self._view.get(name, entry)), True
 
     async def delete(self, name: str) -> dict[str, Any]:
         async with self._lock:
-            entry = self.registry.remove(name)
-            if entry is None:
-                raise APIError(
-                    404, f"no capability named {name!r}; GET /v1/capabilities lists them", param="name"
-                )
-            self._unavailable.pop(name, None)
-            await self._retire(entry.sha256)
-        self.metrics.registry_size.set(len(self.registry.entries()))
+            manifest, entry = await asyncio.to_thread(self.registry.remove, name)
+            await self._apply(manifest)
+        if entry is None:
+            raise APIError(
+                404, f"no capability named {name!r}; GET /v1/capabilities lists them", param="name"
+            )
         logger.info("capability %r deleted (%d requests still using it)", name, self._in_flight[entry.sha256])
         return {"id": name, "object": "capability", "deleted": True}
+
+    def _referenced(self, sha256: str) -> bool:
+        return any(e.sha256 == sha256 for e in self._view.values())
 
     async def _ensure_loaded(self, sha256: str) -> None:
         if sha256 not in self._loaded:
@@ -207,13 +294,14 @@ class CapabilityService:
             self._loaded.add(sha256)
 
     async def _retire(self, sha256: str) -> None:
-        """Unregister content no name points at, now if idle, else when its last request ends."""
-        if self.registry.is_referenced(sha256) or self._in_flight[sha256] > 0:
+        """Unregister content no name here points at, now if idle, else when its last request ends. The blob
+        on disk is the registry's business: other replicas may still name it."""
+        if self._referenced(sha256) or self._in_flight[sha256] > 0:
             return
         if sha256 in self._loaded:
             self._loaded.discard(sha256)
             await self.workers.unregister(sha256)
-        self.registry.drop_blob(sha256)
+        self.metrics.engine_capabilities.set(len(self._loaded))
 
     # ---- per request
     def resolve(self, base_model: str, choices: list[Choice]) -> list[Applied]:
@@ -225,9 +313,9 @@ class CapabilityService:
             )
         applied = []
         for choice in choices:
-            entry = self.registry.get(choice.name)
+            entry = self._view.get(choice.name)
             if entry is None:
-                known = ", ".join(e.name for e in self.registry.entries()) or "none"
+                known = ", ".join(sorted(self._view)) or "none"
                 raise APIError(400, f"unknown capability {choice.name!r}; registered: {known}", param=PARAM)
             if choice.name in self._unavailable:
                 raise APIError(
@@ -254,7 +342,7 @@ class CapabilityService:
             self.metrics.in_flight.labels(a.entry.name).dec()
             if self._in_flight[sha] <= 0:
                 del self._in_flight[sha]
-                if not self.registry.is_referenced(sha) and sha in self._loaded:
+                if not self._referenced(sha) and sha in self._loaded:
                     task = asyncio.get_running_loop().create_task(self._retire_locked(sha))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)

@@ -39,13 +39,16 @@ class Settings(BaseSettings):
     max_concurrent_requests: int | None = None
     # On SIGTERM: stop accepting, let in-flight requests finish for up to this long, then cancel them.
     drain_timeout: float = 30.0
+    # Seconds between reads of the shared manifest: the bound on how long a change made through another
+    # replica takes to be usable here (plus its registration on the engine).
+    registry_poll_interval: float = 2.0
 
     @field_validator("api_key", "admin_key")
     @classmethod
     def _blank_is_unset(cls, value: str | None) -> str | None:
         return value or None
 
-    @field_validator("max_upload_bytes", "max_concurrent_requests", "drain_timeout")
+    @field_validator("max_upload_bytes", "max_concurrent_requests", "drain_timeout", "registry_poll_interval")
     @classmethod
     def _positive(cls, value: float | None, info) -> float | None:
         if value is not None and value <= 0:

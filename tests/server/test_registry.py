@@ -36,23 +36,30 @@ def stage(registry: Registry, *parts: bytes, limit: int = 1 << 20, fail_after: i
 
 
 @pytest.fixture
-def registry(tmp_path) -> Registry:
+def registry(tmp_path):
     reg = Registry(tmp_path / "registry")
-    reg.load()
+    reg.open()
     staged = stage(reg, b"abc")
     reg.place(staged)
-    reg.publish(entry("first", staged.sha256))
-    return reg
+    reg.publish(entry("first", staged.sha256), replace=False)
+    yield reg
+    reg.close()
 
 
 def snapshot(registry: Registry) -> tuple[bytes, list[str]]:
     return registry.manifest_path.read_bytes(), sorted(p.name for p in registry.blobs.iterdir())
 
 
-def test_publish_round_trips_through_a_fresh_load(registry):
+def sha_of(registry: Registry, name: str) -> str:
+    return registry.read().entries[name].sha256
+
+
+def test_publish_round_trips_through_a_fresh_open(registry):
     again = Registry(registry.root)
-    assert [(e.name, e.sha256) for e in again.load()] == [("first", registry.get("first").sha256)]
-    assert again.blob_path(again.get("first").sha256).read_bytes() == b"abc"
+    manifest = again.open()
+    assert [(n, e.sha256) for n, e in manifest.entries.items()] == [("first", sha_of(registry, "first"))]
+    assert again.blob_path(sha_of(again, "first")).read_bytes() == b"abc"
+    assert manifest.generation == 1 and manifest.writer == registry.owner
 
 
 def test_client_disconnect_mid_upload_leaves_nothing(registry):
@@ -70,15 +77,18 @@ def test_oversize_upload_is_413_and_leaves_nothing(registry):
     assert list(registry.tmp.iterdir()) == [] and snapshot(registry) == before
 
 
-def test_crash_between_blob_and_manifest_is_swept_at_start(registry):
+def test_crash_between_blob_and_manifest_is_swept_at_the_next_start(registry):
     manifest = registry.manifest_path.read_bytes()
     registry.place(stage(registry, b"orphan"))  # ... and the process dies before publish()
-    (registry.tmp / "half.upload").write_bytes(b"partial")  # and an upload was mid-stream
+    stage(registry, b"partial")  # with an upload mid-stream
+    (registry.tmp / "tmpold.upload").write_bytes(b"x")  # and one from a writer without an owner lock
+    registry.close()  # what the kernel does to a dead process's locks
     again = Registry(registry.root)
-    assert [e.name for e in again.load()] == ["first"]
+    assert list(again.open().entries) == ["first"]
     assert again.manifest_path.read_bytes() == manifest
-    assert sorted(p.name for p in again.blobs.iterdir()) == [f"{again.get('first').sha256}.safetensors"]
+    assert sorted(p.name for p in again.blobs.iterdir()) == [f"{sha_of(again, 'first')}.safetensors"]
     assert list(again.tmp.iterdir()) == []
+    assert [p.name for p in again.owners.iterdir()] == [f"{again.owner}.lock"]
 
 
 def test_crash_while_writing_the_manifest_keeps_the_old_one(registry, monkeypatch):
@@ -91,12 +101,24 @@ def test_crash_while_writing_the_manifest_keeps_the_old_one(registry, monkeypatc
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError, match="disk full"):
-        registry.publish(entry("second", staged.sha256))
+        registry.publish(entry("second", staged.sha256), replace=False)
     monkeypatch.undo()
     assert registry.manifest_path.read_bytes() == before
-    assert registry.get("second") is None
+    assert "second" not in registry.read().entries
     assert [p.name for p in registry.root.iterdir() if p.name.startswith(".manifest")] == []
     assert json.loads(before)["capabilities"].keys() == {"first"}
+
+
+def test_a_manifest_without_generation_reads_as_generation_0(registry):
+    data = json.loads(registry.manifest_path.read_text())
+    for key in ("generation", "updated_at", "writer"):
+        del data[key]
+    registry.manifest_path.write_text(json.dumps(data))
+    manifest = registry.read()
+    assert manifest.generation == 0 and list(manifest.entries) == ["first"]
+    staged = stage(registry, b"next")
+    registry.place(staged)
+    assert registry.publish(entry("next", staged.sha256), replace=False)[0].generation == 1
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,153 @@
+"""Several writers on one registry directory, in-process: each `Registry` is one replica (flock locks an open
+file description, so two objects in one process exclude each other as two processes do)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+from unlock_server.errors import APIError
+from unlock_server.registry import Registry
+
+from tests.server.test_registry import entry, stage
+
+
+@pytest.fixture
+def replicas(tmp_path):
+    """Writers A and B, both open on one directory before either writes."""
+    opened = [Registry(tmp_path / "shared"), Registry(tmp_path / "shared")]
+    for reg in opened:
+        reg.open()
+    yield opened
+    for reg in opened:
+        reg.close()
+
+
+def add(registry: Registry, name: str, content: bytes, replace: bool = False) -> str:
+    staged = stage(registry, content)
+    registry.place(staged)
+    registry.publish(entry(name, staged.sha256), replace=replace)
+    return staged.sha256
+
+
+def test_an_upload_through_a_is_read_by_b(replicas):
+    a, b = replicas
+    sha = add(a, "cot", b"one")
+    manifest = b.read()
+    assert manifest.entries["cot"].sha256 == sha and manifest.writer == a.owner
+    assert b.blob_path(sha).read_bytes() == b"one"
+
+
+def test_writes_by_b_keep_a_s_entries(replicas):
+    a, b = replicas
+    add(a, "from-a", b"one")
+    add(b, "from-b", b"two")
+    add(a, "again-a", b"three")
+    b.remove("absent")
+    manifest = a.read()
+    assert sorted(manifest.entries) == ["again-a", "from-a", "from-b"]
+    assert manifest.generation == 3  # a miss writes nothing
+
+
+def test_concurrent_writers_lose_no_update(replicas):
+    """Interleaved read-modify-writes from two threads: without the lock some names would be lost."""
+    a, b = replicas
+
+    def write(registry: Registry, prefix: str) -> None:
+        for i in range(25):
+            add(registry, f"{prefix}{i}", f"{prefix}{i}".encode())
+
+    threads = [threading.Thread(target=write, args=(r, p)) for r, p in ((a, "a"), (b, "b"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    manifest = a.read()
+    assert len(manifest.entries) == 50 and manifest.generation == 50
+    assert len(list(a.blobs.iterdir())) == 50
+
+
+def test_b_starting_keeps_a_s_upload_in_flight_and_its_unpublished_blob(replicas):
+    a, _ = replicas
+    pending = stage(a, b"placed, not yet published")
+    a.place(pending)  # A is now registering it on its engine
+
+    async def scenario() -> None:
+        gate = asyncio.Event()
+
+        async def slow_body():
+            yield b"first half "
+            await gate.wait()
+            yield b"second half"
+
+        upload = asyncio.create_task(a.stage(slow_body(), 1 << 20))
+        await asyncio.sleep(0.05)
+        in_flight = [p for p in a.tmp.iterdir() if p.suffix == ".upload"]
+        assert len(in_flight) == 1
+        c = Registry(a.root)
+        c.open()  # a replica starting (or restarting) while A works
+        c.close()
+        assert in_flight[0].exists() and a.blob_path(pending.sha256).exists()
+        gate.set()
+        staged = await upload
+        assert staged.path.read_bytes() == b"first half second half"
+
+    asyncio.run(scenario())
+    a.publish(entry("late", pending.sha256), replace=False)
+    assert a.blob_path(pending.sha256).read_bytes() == b"placed, not yet published"
+
+
+def test_a_dead_writer_s_leftovers_are_collected(replicas):
+    a, b = replicas
+    orphan = stage(a, b"orphan")
+    a.place(orphan)
+    stage(a, b"half an upload")
+    a.close()  # A dies: its owner lock is free
+    c = Registry(b.root)
+    c.open()
+    c.close()
+    assert not b.blob_path(orphan.sha256).exists()
+    assert list(b.tmp.iterdir()) == []
+    assert sorted(p.stem for p in b.owners.iterdir()) == [b.owner]
+
+
+def test_delete_on_b_keeps_a_blob_still_named_or_pinned(replicas):
+    a, b = replicas
+    shared = add(a, "cot", b"same bytes")
+    add(a, "cot-copy", b"same bytes")
+    b.remove("cot")
+    assert a.blob_path(shared).exists()  # "cot-copy" still names it
+
+    pending = stage(a, b"same bytes")
+    a.place(pending)  # A re-uploads that content under a new name, not yet published
+    b.remove("cot-copy")
+    assert a.blob_path(shared).exists()  # pinned by A
+    a.publish(entry("cot-again", pending.sha256), replace=False)
+    assert b.read().entries["cot-again"].sha256 == shared and a.blob_path(shared).exists()
+
+    b.remove("cot-again")
+    assert not a.blob_path(shared).exists()  # nothing names or pins it now
+
+
+def test_a_name_taken_since_the_check_is_409_and_the_loser_s_blob_goes(replicas):
+    a, b = replicas
+    theirs, ours = stage(a, b"a's content"), stage(b, b"b's content")
+    a.place(theirs)
+    b.place(ours)
+    a.publish(entry("race", theirs.sha256), replace=False)
+    with pytest.raises(APIError) as err:
+        b.publish(entry("race", ours.sha256), replace=False)
+    assert err.value.status == 409 and "replace=true" in err.value.message
+    b.release(ours.sha256)
+    assert not b.blob_path(ours.sha256).exists() and a.blob_path(theirs.sha256).exists()
+    assert b.read().entries["race"].sha256 == theirs.sha256
+
+
+def test_replace_by_b_supersedes_a_and_the_old_blob_can_go(replicas):
+    a, b = replicas
+    old = add(a, "cot", b"v1")
+    new = add(b, "cot", b"v2", replace=True)
+    assert a.read().entries["cot"].sha256 == new
+    b.drop_blob(old)
+    assert not a.blob_path(old).exists() and a.blob_path(new).exists()

@@ -1,0 +1,166 @@
+"""Two `CapabilityService`s (replicas) on one registry directory, in-process, each with a fake engine: what
+one writes reaches the other's engine by polling within the poll interval; each retires content itself."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+from serve_harness import capability_bytes
+from unlock_server.errors import APIError
+from unlock_server.metrics import Metrics
+from unlock_server.registry import Registry
+from unlock_server.selection import Choice
+from unlock_server.service import CapabilityService, ModelShape
+
+POLL = 0.1
+V1 = capability_bytes("steer", seed=1)
+V2 = capability_bytes("steer", seed=2)
+
+
+class FakeWorkers:
+    """What a replica's engine has registered; registering reads the blob, as the real workers do."""
+
+    def __init__(self):
+        self.registered: set[str] = set()
+
+    async def register(self, path: str, sha256: str) -> None:
+        assert Path(path).stat().st_size > 0
+        self.registered.add(sha256)
+
+    async def unregister(self, sha256: str) -> None:
+        self.registered.discard(sha256)
+
+
+def replica(root: Path) -> CapabilityService:
+    shape = ModelShape(served_names=["tiny"], num_layers=4, hidden_size=64)
+    metrics = Metrics(CollectorRegistry())
+    return CapabilityService(Registry(root), FakeWorkers(), shape, metrics, 1 << 20, 10.0, POLL)
+
+
+async def body(data: bytes):
+    yield data
+
+
+async def upload(service: CapabilityService, data: bytes, name: str | None = None, replace: bool = False):
+    return (await service.upload(body(data), name, replace))[0]
+
+
+def usable(service: CapabilityService, name: str) -> str | None:
+    """The sha256 a request for `name` would steer with on this replica, None if it is refused."""
+    try:
+        return service.resolve("tiny", [Choice(name, None)])[0].entry.sha256
+    except APIError:
+        return None
+
+
+async def until(predicate, within: float) -> float:
+    """Seconds until `predicate()` holds; fails past `within`."""
+    start = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - start < within, "not propagated in time"
+        await asyncio.sleep(0.01)
+    return time.monotonic() - start
+
+
+@pytest.fixture
+def run_pair(tmp_path):
+    def run(scenario):
+        async def main():
+            a, b = replica(tmp_path / "shared"), replica(tmp_path / "shared")
+            await a.start()
+            await b.start()
+            try:
+                await scenario(a, b)
+            finally:
+                await a.stop()
+                await b.stop()
+
+        asyncio.run(main())
+
+    return run
+
+
+def test_upload_replace_delete_propagate_within_the_poll_interval(run_pair):
+    async def scenario(a: CapabilityService, b: CapabilityService) -> None:
+        created = await upload(a, V1)
+        sha1 = created["sha256"]
+        assert usable(a, "steer") == sha1 and sha1 in a.workers.registered  # ready when the 201 returns
+        assert usable(b, "steer") is None  # not before b's engine has it
+        await until(lambda: usable(b, "steer") == sha1, within=POLL + 1)
+        assert sha1 in b.workers.registered
+
+        replaced = await upload(b, V2, replace=True)
+        sha2 = replaced["sha256"]
+        assert b.workers.registered == {sha2}
+        await until(lambda: usable(a, "steer") == sha2, within=POLL + 1)
+        assert a.workers.registered == {sha2}  # a retired v1 on its own engine
+        assert not a.registry.blob_path(sha1).exists()
+
+        await b.delete("steer")
+        await until(lambda: usable(a, "steer") is None, within=POLL + 1)
+        assert a.workers.registered == set() and b.workers.registered == set()
+        assert not a.registry.blob_path(sha2).exists()
+
+        propagation = a.metrics.propagation.collect()[0].samples
+        count = next(s.value for s in propagation if s.name.endswith("_count"))
+        assert count == 2  # the replace and the delete, both by b
+        status = a.sync_status()
+        assert status["generation"] == 3 and 0 <= status["propagation"] < POLL + 1
+        assert status["lag"] < POLL + 1 and status["loaded"] == 0
+
+    run_pair(scenario)
+
+
+def test_delete_elsewhere_waits_for_requests_in_flight_here(run_pair):
+    async def scenario(a: CapabilityService, b: CapabilityService) -> None:
+        sha = (await upload(a, V1))["sha256"]
+        await until(lambda: usable(b, "steer") == sha, within=POLL + 1)
+        applied = b.resolve("tiny", [Choice("steer", None)])
+        b.acquire(applied)  # a stream on b uses it
+        await a.delete("steer")
+        await until(lambda: usable(b, "steer") is None, within=POLL + 1)
+        assert sha in b.workers.registered  # still composing the running request
+        assert b.metrics.engine_capabilities._value.get() == 1
+        b.release(applied)
+        await until(lambda: sha not in b.workers.registered, within=1)
+        assert b.metrics.engine_capabilities._value.get() == 0
+
+    run_pair(scenario)
+
+
+def test_writes_judge_conflicts_on_the_disk_not_a_stale_view(run_pair):
+    async def scenario(a: CapabilityService, b: CapabilityService) -> None:
+        b.poll_interval = 3600  # b's poller will not run again: only its own writes read the disk
+        await asyncio.sleep(POLL * 2)
+        await upload(a, V1)
+        with pytest.raises(APIError) as err:
+            await upload(b, V2)  # b has not polled, but the name is taken on disk
+        assert err.value.status == 409
+        same, changed = await b.upload(body(V1), None, False)
+        assert same["sha256"] == usable(a, "steer") and changed is False  # 200 unchanged, not 409 or 201
+        await upload(b, V2, name="other")
+        assert sorted(b.registry.read().entries) == ["other", "steer"]
+        assert usable(b, "steer") is not None  # b's write applied a's entry to b's engine too
+
+    run_pair(scenario)
+
+
+def test_a_restarted_replica_registers_everything(run_pair, tmp_path):
+    async def scenario(a: CapabilityService, b: CapabilityService) -> None:
+        sha = (await upload(a, V1))["sha256"]
+        await upload(a, V2, name="second")
+        await b.stop()
+        fresh = replica(tmp_path / "shared")
+        await fresh.start()
+        try:
+            assert usable(fresh, "steer") == sha and usable(fresh, "second") is not None
+            assert len(fresh.workers.registered) == 2
+            assert [c["status"] for c in fresh.list()] == ["ready", "ready"]
+        finally:
+            await fresh.stop()
+
+    run_pair(scenario)
