@@ -186,22 +186,37 @@ def fit_layer(
     return fit_moments(Moments.of(x_s, x_t), rank, center, ridge)
 
 
-def heldout_energy(layer_map: LayerMap, held: Moments) -> tuple[float, float]:
-    """(|X_t - X_s W|^2, |X_t|^2) on held-out rows given by their moments, both sides centred with the fit's
-    means: with a = x_s - mu_s, b = x_t - mu_t, the residual is tr(G_bb) - 2 tr(W^T G_ab) + tr(W^T G_aa W).
-    The difference of traces is exact to about sqrt(machine epsilon) of the relative error."""
-    mu_s, mu_t, n = layer_map.mu_s, layer_map.mu_t, held.n
+@dataclass
+class HeldOut:
+    """Held-out rows' moments centred at a fit's means (a = x_s - mu_s, b = x_t - mu_t) and projected into its
+    bases: every map of that fit is scored on them at k x k cost."""
+
+    aa: torch.Tensor  # [K, K] = B_s^T G_aa B_s
+    ab: torch.Tensor  # [K, K] = B_s^T G_ab B_t
+    bb: float  # tr(G_bb) = |X_t - mu_t|^2
+
+
+def hold_out(dec: Decomposed, held: Moments) -> HeldOut:
+    mu_s, mu_t, n = dec.mu_s, dec.mu_t, held.n
     g_aa = (
         held.ss - torch.outer(held.sum_s, mu_s) - torch.outer(mu_s, held.sum_s) + n * torch.outer(mu_s, mu_s)
     )
     g_ab = (
         held.st - torch.outer(held.sum_s, mu_t) - torch.outer(mu_s, held.sum_t) + n * torch.outer(mu_s, mu_t)
     )
-    g_bb_trace = torch.trace(held.tt) - 2 * held.sum_t @ mu_t + n * mu_t @ mu_t
-    v_s, m, v_t = layer_map.v_s, layer_map.m, layer_map.v_t
-    cross = torch.trace(m.T @ (v_s.T @ g_ab @ v_t))  # tr(W^T G_ab), V_t^T V_t = I
-    mapped = torch.trace(m.T @ (v_s.T @ g_aa @ v_s) @ m)  # tr(W^T G_aa W)
-    return max(float(g_bb_trace - 2 * cross + mapped), 0.0), float(g_bb_trace)
+    bb = torch.trace(held.tt) - 2 * held.sum_t @ mu_t + n * mu_t @ mu_t
+    b_s, b_t = dec.basis_s, dec.basis_t
+    return HeldOut(b_s.T @ g_aa @ b_s, b_s.T @ g_ab @ b_t, float(bb))
+
+
+def heldout_energy(layer_map: LayerMap, held: HeldOut) -> tuple[float, float]:
+    """(|X_t - X_s W|^2, |X_t|^2) on the held-out rows, for a map of the fit ``held`` was projected for:
+    tr(G_bb) - 2 tr(W^T G_ab) + tr(W^T G_aa W) with W = V_s M V_t^T (V_t^T V_t = I). The difference of
+    traces is exact to about sqrt(machine epsilon) of the relative error."""
+    k, m = layer_map.m.shape[0], layer_map.m
+    cross = torch.trace(m.T @ held.ab[:k, :k])  # tr(W^T G_ab)
+    mapped = torch.trace(m.T @ held.aa[:k, :k] @ m)  # tr(W^T G_aa W)
+    return max(held.bb - 2 * float(cross) + float(mapped), 0.0), held.bb
 
 
 @dataclass
@@ -248,13 +263,16 @@ def layer_fits(
     else:
         fit, scored, kind = Moments.of(x_s, x_t), [], "none"
     big_k = max(settings.ranks)
-    decs = [(decompose(f, settings.center, big_k), part) for f, part in scored]
+    decs = [decompose(f, settings.center, big_k) for f, _ in scored]
+    held_out = [hold_out(dec, part) for dec, (_, part) in zip(decs, scored, strict=True)]
     errors = {}
     for rank, ridge in settings.grid():
-        energies = [heldout_energy(fit_decomposed(dec, rank, ridge), part) for dec, part in decs]
+        energies = [
+            heldout_energy(fit_decomposed(d, rank, ridge), h) for d, h in zip(decs, held_out, strict=True)
+        ]
         residual, total = sum(r for r, _ in energies), sum(e for _, e in energies)
         errors[(rank, ridge)] = math.sqrt(residual / max(total, 1e-300)) if energies else math.nan
-    full = decs[0][0] if kind == "holdout" else decompose(fit, settings.center, big_k)
+    full = decs[0] if kind == "holdout" else decompose(fit, settings.center, big_k)
     return LayerFits(full, errors, kind, fit.n)
 
 
