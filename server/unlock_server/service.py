@@ -254,12 +254,12 @@ class CapabilityService:
                 await self._ensure_loaded(staged.sha256)
                 # Re-checks the name under the registry lock: another replica may have taken it meanwhile.
                 manifest, previous = await asyncio.to_thread(self.registry.publish, entry, replace)
-            except (EngineRPCError, APIError) as err:
+            except Exception as err:  # refused, lost the name to another replica, or a disk error
                 await self._retire(staged.sha256)
                 await asyncio.to_thread(self.registry.release, staged.sha256)
-                if isinstance(err, APIError):
-                    raise
-                raise APIError(500, f"the engine refused capability {name!r}: {err}") from None
+                if isinstance(err, EngineRPCError):
+                    raise APIError(500, f"the engine refused capability {name!r}: {err}") from None
+                raise
             self._unavailable.pop(name, None)
             await self._apply(manifest)
             if previous is not None and previous.sha256 != entry.sha256:

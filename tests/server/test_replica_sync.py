@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 from serve_harness import capability_bytes
+from unlock_server.engine import EngineRPCError
 from unlock_server.errors import APIError
 from unlock_server.metrics import Metrics
 from unlock_server.registry import Registry
@@ -164,3 +165,38 @@ def test_a_restarted_replica_registers_everything(run_pair, tmp_path):
             await fresh.stop()
 
     run_pair(scenario)
+
+
+class RefusingWorkers(FakeWorkers):
+    async def register(self, path: str, sha256: str) -> None:
+        raise EngineRPCError(f"registering {sha256[:12]} failed on 1/1 workers: registry full")
+
+
+def test_an_upload_the_engine_refuses_leaves_the_shared_directory_as_it_was(run_pair):
+    async def scenario(a: CapabilityService, b: CapabilityService) -> None:
+        await upload(a, V1)
+        before = a.registry.manifest_path.read_bytes()
+        b.workers = RefusingWorkers()
+        with pytest.raises(APIError) as err:
+            await upload(b, V2, name="refused")
+        assert err.value.status == 500 and "registry full" in err.value.message
+        assert a.registry.manifest_path.read_bytes() == before
+        assert len(list(a.registry.blobs.iterdir())) == 1 and list(a.registry.tmp.iterdir()) == []
+        assert usable(a, "steer") is not None
+
+    run_pair(scenario)
+
+
+def test_poll_interval_comes_from_the_flag_the_environment_or_the_default(monkeypatch):
+    from pydantic import ValidationError
+    from unlock_server.cli import build_parser, prepare_environment, settings_from_args
+
+    prepare_environment()
+    parser = build_parser()
+    assert settings_from_args(parser.parse_args([])).registry_poll_interval == 2.0
+    monkeypatch.setenv("UNLOCK_REGISTRY_POLL_INTERVAL", "0.5")
+    assert settings_from_args(parser.parse_args([])).registry_poll_interval == 0.5
+    flag = parser.parse_args(["--registry-poll-interval", "3"])
+    assert settings_from_args(flag).registry_poll_interval == 3.0
+    with pytest.raises(ValidationError, match="registry_poll_interval must be positive"):
+        settings_from_args(parser.parse_args(["--registry-poll-interval", "0"]))
