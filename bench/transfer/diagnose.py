@@ -139,6 +139,12 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+def rank_label(row: dict) -> str:
+    """k used, and the rank asked when fewer rows capped it."""
+    asked = row["rank_asked"]
+    return str(row["rank"]) if row["rank"] == asked else f"{row['rank']} (asked {asked})"
+
+
 def summary(rows: list[dict], n_t: int) -> str:
     later = n_t // 2
     lines = [
@@ -149,7 +155,7 @@ def summary(rows: list[dict], n_t: int) -> str:
     for config in configs(rows):
         mine = of(rows, config)
         lines.append(
-            f"| {config[0]} | {config[1]} | {mine[0]['pairs']} | {mine[0]['rank']} | {config[3]:g} "
+            f"| {config[0]} | {config[1]} | {mine[0]['pairs']} | {rank_label(mine[0])} | {config[3]:g} "
             f"| {mean([r['agreement'] for r in mine]):.3f} "
             f"| {mean([r['agreement_off_mean'] for r in mine]):.3f} "
             f"| {mean([r['agreement_off_mean'] for r in mine if r['target_layer'] >= later]):.3f} "
