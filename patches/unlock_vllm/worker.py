@@ -34,7 +34,10 @@ class UnlockWorkerExtension:
     def _unlock_where(self) -> dict[str, Any]:
         """Which engine and rank answered: with data parallelism, replies come from every engine."""
         parallel = getattr(getattr(self, "vllm_config", None), "parallel_config", None)
-        return {"dp_rank": getattr(parallel, "data_parallel_rank", 0), "rank": getattr(self, "rank", 0)}
+        # data_parallel_index: the engine's DP rank even where vLLM runs dense-model DP ranks as independent
+        # DP=1 engines (data_parallel_rank is then 0 in every engine).
+        dp_rank = getattr(parallel, "data_parallel_index", getattr(parallel, "data_parallel_rank", 0))
+        return {"dp_rank": dp_rank, "rank": getattr(self, "rank", 0)}
 
     def unlock_register(self, path: str, sha256: str) -> dict[str, Any]:
         state = self._unlock_state()
