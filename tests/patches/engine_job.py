@@ -5,7 +5,8 @@ fresh process so that the plugin's process-wide wrapping and torch.compile state
 
 SPEC keys: model, plugin (bool: steering engine vs an engine with the plugin excluded by VLLM_PLUGINS),
 device ("cpu" | "cuda"), model_runner ("v1" | "v2"), cudagraph_mode (compiled CUDA: "FULL" | "PIECEWISE"),
-eager, prefix_caching, max_num_batched_tokens, max_tokens, mode ("sync" | "async_register"), and
+tensor_parallel_size, pipeline_parallel_size, env (variables for the job), eager, prefix_caching,
+max_num_batched_tokens, max_tokens, mode ("sync" | "async_register"), and
 phases: [{"register": [path, ...], "unregister": [sha, ...], "requests": [{"prompt", "selection"}]}].
 A selection is [[sha256, strength, mode], ...]; the phases run one after the other, each request list as
 one engine batch. Instead of "prompt" a request may give "extend": {"phase": i, "extra": [ids]}: the
@@ -20,6 +21,7 @@ import sys
 
 
 def _setup_env(spec: dict) -> None:
+    os.environ.update(spec.get("env", {}))
     if spec.get("device", "cpu") == "cpu":
         os.environ["VLLM_TARGET_DEVICE"] = "cpu"
     # A fresh compile cache per job, so a cached graph of another configuration can never be loaded.
@@ -42,6 +44,9 @@ def _engine_args(spec: dict) -> dict:
         block_size=32,  # the CPU backend's smallest; short prompts then fill whole (cacheable) blocks
         kv_cache_memory_bytes=spec.get("kv_cache_bytes", 64 * 2**20),
     )
+    for key in ("tensor_parallel_size", "pipeline_parallel_size"):
+        if spec.get(key, 1) > 1:
+            args[key] = spec[key]
     if spec.get("cudagraph_mode"):
         args["compilation_config"] = {"cudagraph_mode": spec["cudagraph_mode"]}
     if spec.get("max_num_batched_tokens"):
@@ -120,6 +125,7 @@ def run_sync(spec: dict) -> dict:
             record["status"] = rpc("unlock_status")[0]
         result["phases"].append(record)
     result["status_end"] = rpc("unlock_status")[0] if rpc else None
+    result["status_all"] = rpc("unlock_status") if rpc else None  # one reply per TP/PP rank
     return result
 
 
