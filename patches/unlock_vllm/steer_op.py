@@ -11,13 +11,10 @@ kernels, so that slice stays symbolic under compile.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from unlock.ops import steer_hidden
-
-logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's configured "vllm" logger
+from unlock_vllm.triton_steer import steer_triton  # imports anywhere: Triton itself is imported under a guard
 
 
 @torch.library.custom_op("unlock::steer", mutates_args=())
@@ -68,8 +65,6 @@ def _steer_cpu(hidden, residual, add_table, rot_table, add_index, rot_index):
 def check_cuda_kernel(device: torch.device, dtype: torch.dtype) -> None:
     """Build and run the Triton kernel once on `device` and compare it with the reference math; a
     RuntimeError that says what is missing otherwise. Runs at model load, before warm-up and capture."""
-    from unlock_vllm.triton_steer import steer_triton
-
     generator = torch.Generator().manual_seed(0)
     hidden, residual = (torch.randn(4, 64, generator=generator).to(device, dtype) for _ in range(2))
     add_table, rot_table = (torch.randn(3, 64, generator=generator).to(device, dtype) for _ in range(2))
@@ -91,6 +86,4 @@ def check_cuda_kernel(device: torch.device, dtype: torch.dtype) -> None:
 
 @steer.register_kernel("cuda")
 def _steer_cuda(hidden, residual, add_table, rot_table, add_index, rot_index):
-    from unlock_vllm.triton_steer import steer_triton
-
     return steer_triton(hidden, residual, add_table, rot_table, add_index, rot_index)
