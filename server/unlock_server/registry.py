@@ -47,6 +47,16 @@ def check_name(name: str) -> str:
     return name
 
 
+def name_clash(name: str, existing_sha256: str) -> APIError:
+    """The 409 for an upload whose name holds other content and that did not ask to replace it."""
+    return APIError(
+        409,
+        f"capability {name!r} already exists with other content "
+        f"(sha256 {existing_sha256[:12]}); add ?replace=true to replace it",
+        param="name",
+    )
+
+
 @dataclass(frozen=True)
 class Entry:
     """One registered capability as the server knows it (what the manifest stores and the API returns)."""
@@ -188,12 +198,7 @@ class Registry:
             current = self.read()
             previous = current.entries.get(entry.name)
             if previous is not None and previous.sha256 != entry.sha256 and not replace:
-                raise APIError(
-                    409,
-                    f"capability {entry.name!r} already exists with other content "
-                    f"(sha256 {previous.sha256[:12]}); add ?replace=true to replace it",
-                    param="name",
-                )
+                raise name_clash(entry.name, previous.sha256)
             if previous is None or previous.sha256 != entry.sha256:
                 current = self._write_manifest({**current.entries, entry.name: entry}, current.generation)
             self._pin_path(entry.sha256).unlink(missing_ok=True)

@@ -19,7 +19,7 @@ from typing import Any
 from .engine import EngineRPCError, Workers
 from .errors import APIError
 from .metrics import Metrics
-from .registry import Entry, Manifest, Registry, Staged, check_name
+from .registry import Entry, Manifest, Registry, Staged, check_name, name_clash
 from .selection import PARAM, Choice
 
 logger = logging.getLogger(__name__)
@@ -242,12 +242,7 @@ class CapabilityService:
                 self.metrics.uploads.labels("unchanged").inc()
                 return self.public(existing), False
             if existing is not None and existing.sha256 != staged.sha256 and not replace:
-                raise APIError(
-                    409,
-                    f"capability {name!r} already exists with other content "
-                    f"(sha256 {existing.sha256[:12]}); add ?replace=true to replace it",
-                    param="name",
-                )
+                raise name_clash(name, existing.sha256)
             await asyncio.to_thread(self.registry.place, staged)
             entry = _entry(name, capability, staged.sha256, staged.size_bytes)
             try:
