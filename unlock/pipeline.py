@@ -118,6 +118,9 @@ class Extracted:
     directions: torch.Tensor  # [n_s, d_s]
     locked_acts: torch.Tensor  # [N, n_s, d_s], source-locked activations
     metadata: dict[str, str]  # includes the questions and the locked template text
+    # [N, n_s, d_s], source-unlocked activations: kept for research (split-half reliability of the direction);
+    # None in files written before they were saved
+    unlocked_acts: torch.Tensor | None = None
 
     @property
     def questions(self) -> list[str]:
@@ -125,6 +128,8 @@ class Extracted:
 
     def save(self, path: str | Path) -> None:
         tensors = {"directions": self.directions, "locked_activations": self.locked_acts}
+        if self.unlocked_acts is not None:
+            tensors["unlocked_activations"] = self.unlocked_acts
         write_atomic(path, serialize(tensors, self.metadata))
 
     @classmethod
@@ -147,9 +152,12 @@ class Extracted:
         n = len(json.loads(meta["questions"]))
         if directions is None or acts is None or acts.shape[0] != n or acts.shape[1:] != directions.shape:
             raise ValueError(f"{path}: tensors disagree with each other or with its {n} questions")
-        if not (torch.isfinite(directions).all() and torch.isfinite(acts).all()):
+        unlocked = tensors.get("unlocked_activations")
+        if unlocked is not None and unlocked.shape != acts.shape:
+            raise ValueError(f"{path}: its unlocked activations do not have the shape of its locked ones")
+        if not all(torch.isfinite(x).all() for x in (directions, acts, unlocked) if x is not None):
             raise ValueError(f"{path}: holds non-finite values")
-        return cls(directions, acts, meta)
+        return cls(directions, acts, meta, unlocked)
 
 
 class ModelCache:
@@ -266,7 +274,7 @@ def run_extract(config: ExtractConfig, models: ModelCache) -> Extracted:
         "questions": json.dumps(questions),
         "unlock_version": __version__,
     }
-    return Extracted(directions, locked_acts, metadata)
+    return Extracted(directions, locked_acts, metadata, unlocked_acts)
 
 
 def run_capture(config: CaptureConfig, models: ModelCache) -> list[Chunk]:
