@@ -95,7 +95,7 @@ def test_extract_then_align_gives_the_same_artifact_as_build(
         "-n", "24", "--aggregation", "mean", "-o", str(extracted), "--device", "cpu",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    saved = Extracted.load(extracted)  # both sides' activations, so the direction's reliability can be measured
+    saved = Extracted.load(extracted)  # both sides' activations: the direction's reliability can be measured
     assert saved.unlocked_acts is not None and saved.unlocked_acts.shape == saved.locked_acts.shape
     mean_diff = (saved.unlocked_acts.double() - saved.locked_acts.double()).mean(0).float()
     assert torch.allclose(mean_diff, saved.directions, atol=1e-6 * saved.directions.abs().max().item())
