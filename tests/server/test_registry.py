@@ -47,7 +47,7 @@ def registry(tmp_path):
 
 
 def snapshot(registry: Registry) -> tuple[bytes, list[str]]:
-    return registry.manifest_path.read_bytes(), sorted(p.name for p in registry.blobs.iterdir())
+    return registry.coordination.manifest_path.read_bytes(), sorted(p.name for p in registry.blobs.iterdir())
 
 
 def sha_of(registry: Registry, name: str) -> str:
@@ -78,21 +78,21 @@ def test_oversize_upload_is_413_and_leaves_nothing(registry):
 
 
 def test_crash_between_blob_and_manifest_is_swept_at_the_next_start(registry):
-    manifest = registry.manifest_path.read_bytes()
+    manifest = registry.coordination.manifest_path.read_bytes()
     registry.place(stage(registry, b"orphan"))  # ... and the process dies before publish()
     stage(registry, b"partial")  # with an upload mid-stream
     (registry.tmp / "tmpold.upload").write_bytes(b"x")  # and one from a writer without an owner lock
     registry.close()  # what the kernel does to a dead process's locks
     again = Registry(registry.root)
     assert list(again.open().entries) == ["first"]
-    assert again.manifest_path.read_bytes() == manifest
+    assert again.coordination.manifest_path.read_bytes() == manifest
     assert sorted(p.name for p in again.blobs.iterdir()) == [f"{sha_of(again, 'first')}.safetensors"]
     assert list(again.tmp.iterdir()) == []
-    assert [p.name for p in again.owners.iterdir()] == [f"{again.owner}.lock"]
+    assert [p.name for p in again.coordination.owners.iterdir()] == [f"{again.owner}.lock"]
 
 
 def test_crash_while_writing_the_manifest_keeps_the_old_one(registry, monkeypatch):
-    before = registry.manifest_path.read_bytes()
+    before = registry.coordination.manifest_path.read_bytes()
     staged = stage(registry, b"second")
     registry.place(staged)
 
@@ -103,17 +103,17 @@ def test_crash_while_writing_the_manifest_keeps_the_old_one(registry, monkeypatc
     with pytest.raises(OSError, match="disk full"):
         registry.publish(entry("second", staged.sha256), replace=False)
     monkeypatch.undo()
-    assert registry.manifest_path.read_bytes() == before
+    assert registry.coordination.manifest_path.read_bytes() == before
     assert "second" not in registry.read().entries
     assert [p.name for p in registry.root.iterdir() if p.name.startswith(".manifest")] == []
     assert json.loads(before)["capabilities"].keys() == {"first"}
 
 
 def test_a_manifest_without_generation_reads_as_generation_0(registry):
-    data = json.loads(registry.manifest_path.read_text())
+    data = json.loads(registry.coordination.manifest_path.read_text())
     for key in ("generation", "updated_at", "writer"):
         del data[key]
-    registry.manifest_path.write_text(json.dumps(data))
+    registry.coordination.manifest_path.write_text(json.dumps(data))
     manifest = registry.read()
     assert manifest.generation == 0 and list(manifest.entries) == ["first"]
     staged = stage(registry, b"next")

@@ -1,22 +1,44 @@
-"""Several writers on one registry directory, in-process: each `Registry` is one replica (flock locks an open
-file description, so two objects in one process exclude each other as two processes do)."""
+"""Several writers on one registry, in-process: each `Registry` is one replica, with either coordination
+backend (flock locks an open file description and each PostgreSQL writer has its own connections, so two
+objects in one process exclude each other as two processes do). A writer killed for real: the last test."""
 
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
+import sys
 import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+from unlock_server.coordination import coordination_for
 from unlock_server.errors import APIError
 from unlock_server.registry import Registry
 
 from tests.server.test_registry import entry, stage
 
 
+@pytest.fixture(params=["file", "postgres"])
+def backend(request, tmp_path) -> tuple[Path, str | None]:
+    """One registry: its blob directory, and the URL of its database (None: files in that directory)."""
+    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else None
+    return tmp_path / "shared", url
+
+
 @pytest.fixture
-def replicas(tmp_path):
-    """Writers A and B, both open on one directory before either writes."""
-    opened = [Registry(tmp_path / "shared"), Registry(tmp_path / "shared")]
+def writer(backend) -> Callable[[], Registry]:
+    """Makes writers of the registry."""
+    root, url = backend
+    return lambda: Registry(root, coordination_for(root, url))
+
+
+@pytest.fixture
+def replicas(writer):
+    """Writers A and B, both open on one registry before either writes."""
+    opened = [writer(), writer()]
     for reg in opened:
         reg.open()
     yield opened
@@ -68,7 +90,7 @@ def test_concurrent_writers_lose_no_update(replicas):
     assert len(list(a.blobs.iterdir())) == 50
 
 
-def test_b_starting_keeps_a_s_upload_in_flight_and_its_unpublished_blob(replicas):
+def test_b_starting_keeps_a_s_upload_in_flight_and_its_unpublished_blob(replicas, writer):
     a, _ = replicas
     pending = stage(a, b"placed, not yet published")
     a.place(pending)  # A is now registering it on its engine
@@ -85,7 +107,7 @@ def test_b_starting_keeps_a_s_upload_in_flight_and_its_unpublished_blob(replicas
         await asyncio.sleep(0.05)
         in_flight = [p for p in a.tmp.iterdir() if p.suffix == ".upload"]
         assert len(in_flight) == 1
-        c = Registry(a.root)
+        c = writer()
         c.open()  # a replica starting (or restarting) while A works
         c.close()
         assert in_flight[0].exists() and a.blob_path(pending.sha256).exists()
@@ -98,18 +120,18 @@ def test_b_starting_keeps_a_s_upload_in_flight_and_its_unpublished_blob(replicas
     assert a.blob_path(pending.sha256).read_bytes() == b"placed, not yet published"
 
 
-def test_a_dead_writer_s_leftovers_are_collected(replicas):
+def test_a_dead_writer_s_leftovers_are_collected(replicas, writer):
     a, b = replicas
     orphan = stage(a, b"orphan")
     a.place(orphan)
     stage(a, b"half an upload")
     a.close()  # A dies: its owner lock is free
-    c = Registry(b.root)
+    c = writer()
     c.open()
     c.close()
     assert not b.blob_path(orphan.sha256).exists()
     assert list(b.tmp.iterdir()) == []
-    assert sorted(p.stem for p in b.owners.iterdir()) == [b.owner]
+    assert b.writers() == {b.owner}
 
 
 def test_delete_on_b_keeps_a_blob_still_named_or_pinned(replicas):
@@ -151,3 +173,50 @@ def test_replace_by_b_supersedes_a_and_the_old_blob_can_go(replicas):
     assert a.read().entries["cot"].sha256 == new
     b.drop_blob(old)
     assert not a.blob_path(old).exists() and a.blob_path(new).exists()
+
+
+KILLED_WRITER = """
+import asyncio, sys, time
+from pathlib import Path
+from unlock_server.coordination import coordination_for
+from unlock_server.registry import Registry
+
+async def body(data):
+    yield data
+
+root, url = Path(sys.argv[1]), sys.argv[2] or None
+registry = Registry(root, coordination_for(root, url))
+registry.open()
+registry.place(asyncio.run(registry.stage(body(b"placed by the writer about to die"), 1 << 20)))
+asyncio.run(registry.stage(body(b"an upload in flight"), 1 << 20))
+print(registry.owner, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_writer_killed_with_sigkill_is_seen_dead_and_its_leftovers_collected(replicas, backend, writer):
+    """A real process, killed mid-registration: the kernel (files) or the database server (PostgreSQL) frees
+    its liveness lock, and the next writer to open collects its pinned blob and its upload."""
+    a, _ = replicas
+    root, url = backend
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(root), url or ""], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        owner = child.stdout.readline().strip()
+        assert owner and owner in a.writers()
+        assert len(list(a.blobs.iterdir())) == 1 and len(list(a.tmp.glob(f"{owner}.*.upload"))) == 1
+        a.drop_blob(next(a.blobs.iterdir()).stem)
+        assert len(list(a.blobs.iterdir())) == 1  # pinned by a live writer: kept
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        child.stdout.close()
+    deadline = time.monotonic() + 10
+    while owner in a.writers() and time.monotonic() < deadline:
+        time.sleep(0.05)  # the database server notices the closed connection within milliseconds
+    assert owner not in a.writers()
+    c = writer()
+    c.open()
+    c.close()
+    assert list(a.blobs.iterdir()) == [] and list(a.tmp.iterdir()) == []

@@ -175,12 +175,12 @@ class RefusingWorkers(FakeWorkers):
 def test_an_upload_the_engine_refuses_leaves_the_shared_directory_as_it_was(run_pair):
     async def scenario(a: CapabilityService, b: CapabilityService) -> None:
         await upload(a, V1)
-        before = a.registry.manifest_path.read_bytes()
+        before = a.registry.coordination.manifest_path.read_bytes()
         b.workers = RefusingWorkers()
         with pytest.raises(APIError) as err:
             await upload(b, V2, name="refused")
         assert err.value.status == 500 and "registry full" in err.value.message
-        assert a.registry.manifest_path.read_bytes() == before
+        assert a.registry.coordination.manifest_path.read_bytes() == before
         assert len(list(a.registry.blobs.iterdir())) == 1 and list(a.registry.tmp.iterdir()) == []
         assert usable(a, "steer") is not None
 

@@ -1,0 +1,174 @@
+"""The registry's shared state in PostgreSQL (`unlock-serve --registry-url postgresql://...`), for shared
+filesystems whose locks are not reliable (NFS with local locks, SMB, object-store mounts). The blobs stay
+content-addressed files in the shared directory: writing one is an atomic rename of identical content, which
+needs no lock; everything writers must agree on is here:
+
+- `unlock_manifest`: one row holding the manifest document (the same JSON as `manifest.json`);
+- `unlock_writers`: each live writer's id and the key of a session-level advisory lock it holds on a
+  connection of its own for as long as it runs. PostgreSQL releases that lock when the connection ends,
+  however the process died, so "is the lock held?" is a crash-proof liveness test, as `flock` is for files;
+- `unlock_pins`: blobs placed but not yet published, by writer.
+
+Exclusion is a transaction-level advisory lock taken first in every `locked()` transaction; the tables are
+created under it on first use. One registry per database; give several registries one database each, or a
+schema each through the URL (`?options=-csearch_path%3Dmyschema`).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from .coordination import Manifest
+from .locks import new_owner_id
+
+REGISTRY_LOCK = 0x756E6C6F636B  # "unlock": the transaction lock every change takes first
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS unlock_manifest (
+    id integer PRIMARY KEY CHECK (id = 1),
+    document jsonb NOT NULL
+);
+CREATE TABLE IF NOT EXISTS unlock_writers (
+    owner text PRIMARY KEY,
+    lock_key bigint NOT NULL UNIQUE
+);
+CREATE TABLE IF NOT EXISTS unlock_pins (
+    owner text NOT NULL,
+    sha256 text NOT NULL,
+    PRIMARY KEY (owner, sha256)
+);
+"""
+# The writers whose advisory lock is granted to some session now (a bigint key shows in pg_locks as its high
+# and low 32 bits, in classid and objid, with objsubid 1).
+LIVE_WRITERS = """
+SELECT w.owner FROM unlock_writers w
+WHERE EXISTS (
+    SELECT 1 FROM pg_locks l
+    WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND l.classid::bigint = (w.lock_key >> 32) AND l.objid::bigint = (w.lock_key & 4294967295)
+)
+"""
+
+
+def _psycopg():
+    try:
+        import psycopg
+    except ImportError:
+        raise SystemExit(
+            "unlock-serve: --registry-url needs the PostgreSQL driver: pip install 'unlock-serve[postgres]'"
+        ) from None
+    return psycopg
+
+
+class PostgresCoordination:
+    def __init__(self, url: str):
+        self.psycopg = _psycopg()
+        self.url = url
+        self.owner = new_owner_id()
+        self.description = "postgresql database " + self._redacted(url)
+        self._lock_key = secrets.randbits(62)
+        self._session: Any = None  # the connection that holds this writer's advisory lock
+        self._session_lock = threading.Lock()
+        self._joined = False
+
+    @staticmethod
+    def _redacted(url: str) -> str:
+        scheme, sep, rest = url.partition("://")
+        if "@" in rest:
+            credentials, _, host = rest.rpartition("@")
+            rest = f"{credentials.split(':', 1)[0]}:***@{host}" if ":" in credentials else rest
+        return scheme + sep + rest
+
+    def _connect(self, autocommit: bool = False):
+        return self.psycopg.connect(self.url, autocommit=autocommit)
+
+    @contextmanager
+    def locked(self) -> Iterator[PostgresTransaction]:
+        with self._connect() as conn, conn.transaction():  # commits on success, rolls back on error
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (REGISTRY_LOCK,))
+            conn.execute(SCHEMA)
+            tx = PostgresTransaction(self, conn)
+            if self._joined:
+                tx.join()  # a no-op while the liveness session lives; takes the lock again if it dropped
+            yield tx
+
+    def read(self) -> Manifest:
+        with self._connect(autocommit=True) as conn:
+            try:
+                row = conn.execute("SELECT document FROM unlock_manifest WHERE id = 1").fetchone()
+            except self.psycopg.errors.UndefinedTable:
+                return Manifest({})
+        return _manifest(row)
+
+    def hold_liveness(self) -> None:
+        """Take this writer's advisory lock on a connection of its own (once; again after it dropped)."""
+        with self._session_lock:
+            if self._session is not None and not self._session.closed and not self._session.broken:
+                return
+            self._session = self._connect(autocommit=True)
+            self._session.execute("SELECT pg_advisory_lock(%s)", (self._lock_key,))
+
+    def close(self) -> None:
+        self._joined = False
+        with self._session_lock:
+            if self._session is not None:
+                self._session.close()  # the server releases the lock with the session
+                self._session = None
+
+
+def _manifest(row: tuple | None) -> Manifest:
+    if row is None:
+        return Manifest({})
+    document = row[0] if isinstance(row[0], dict) else json.loads(row[0])
+    return Manifest.from_document(document, "unlock_manifest")
+
+
+class PostgresTransaction:
+    def __init__(self, pg: PostgresCoordination, conn: Any):
+        self.pg, self.conn = pg, conn
+
+    def read(self) -> Manifest:
+        return _manifest(self.conn.execute("SELECT document FROM unlock_manifest WHERE id = 1").fetchone())
+
+    def write(self, manifest: Manifest) -> None:
+        self.conn.execute(
+            "INSERT INTO unlock_manifest (id, document) VALUES (1, %s) "
+            "ON CONFLICT (id) DO UPDATE SET document = EXCLUDED.document",
+            (json.dumps(manifest.document()),),
+        )
+
+    def join(self) -> None:
+        self.pg.hold_liveness()  # held before the row is visible: nobody sees this writer as dead
+        self.pg._joined = True
+        self.conn.execute(
+            "INSERT INTO unlock_writers (owner, lock_key) VALUES (%s, %s) ON CONFLICT (owner) DO NOTHING",
+            (self.pg.owner, self.pg._lock_key),
+        )
+
+    def live_owners(self) -> set[str]:
+        live = {owner for (owner,) in self.conn.execute(LIVE_WRITERS).fetchall()}
+        self.conn.execute("DELETE FROM unlock_writers WHERE NOT (owner = ANY(%s))", (list(live),))
+        return live
+
+    def collect(self, live: set[str]) -> None:
+        self.conn.execute("DELETE FROM unlock_pins WHERE NOT (owner = ANY(%s))", (list(live),))
+
+    def pin(self, sha256: str) -> None:
+        self.conn.execute(
+            "INSERT INTO unlock_pins (owner, sha256) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+            (self.pg.owner, sha256),
+        )
+
+    def unpin(self, sha256: str) -> None:
+        self.conn.execute(
+            "DELETE FROM unlock_pins WHERE owner = %s AND sha256 = %s", (self.pg.owner, sha256)
+        )
+
+    def pinned(self, sha256: str, live: set[str]) -> bool:
+        owners = self.conn.execute("SELECT owner FROM unlock_pins WHERE sha256 = %s", (sha256,)).fetchall()
+        return any(owner in live for (owner,) in owners)
