@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from starlette.routing import BaseRoute
 
+from .coordination import coordination_for
 from .engine import Workers
 from .errors import APIError
 from .limits import ConcurrencyLimitMiddleware
@@ -57,7 +58,7 @@ async def create_app(
 
     served_names = list(args.served_model_name or [args.model])
     service = CapabilityService(
-        Registry(settings.registry_dir),
+        Registry(settings.registry_dir, coordination_for(settings.registry_dir, settings.registry_url)),
         Workers(engine),
         model_shape(engine, served_names),
         Metrics(),

@@ -82,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
         "made through another replica takes to be usable here (env UNLOCK_REGISTRY_POLL_INTERVAL); default 2",
     )
     ours.add_argument(
+        "--registry-url",
+        default=None,
+        help="postgresql://... : keep the registry's manifest and locks in this PostgreSQL database, for "
+        "shared filesystems without reliable locks (env UNLOCK_REGISTRY_URL); blobs stay in "
+        "--capabilities-dir; default: files there",
+    )
+    ours.add_argument(
         "--steering-runner",
         choices=MODEL_RUNNERS,
         default=None,
@@ -115,6 +122,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "max_concurrent_requests": args.max_concurrent_requests,
         "drain_timeout": args.drain_timeout,
         "registry_poll_interval": args.registry_poll_interval,
+        "registry_url": args.registry_url,
     }
     settings = Settings(**{k: v for k, v in flags.items() if v is not None})
     # Auth is ours (401 vs 403, every route but /health and /metrics); vLLM's would answer 401 for both.

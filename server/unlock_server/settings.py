@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     # Seconds between reads of the shared manifest: the bound on how long a change made through another
     # replica takes to be usable here (plus its registration on the engine).
     registry_poll_interval: float = 2.0
+    # The registry's manifest, writer liveness and pins in a PostgreSQL database instead of files next to the
+    # blobs: for shared filesystems whose locks do not exclude across hosts (docs/server.md).
+    registry_url: str | None = None
 
     @field_validator("api_key", "admin_key")
     @classmethod
