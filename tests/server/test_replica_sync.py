@@ -1,5 +1,6 @@
-"""Two `CapabilityService`s (replicas) on one registry directory, in-process, each with a fake engine: what
-one writes reaches the other's engine by polling within the poll interval; each retires content itself."""
+"""Two `CapabilityService`s (replicas) on one registry, in-process, each with a fake engine, on either
+coordination backend (files, or a PostgreSQL database): what one writes reaches the other's engine by polling
+within the poll interval; each retires content itself."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 from serve_harness import capability_bytes
+from unlock_server.coordination import coordination_for
 from unlock_server.engine import EngineRPCError
 from unlock_server.errors import APIError
 from unlock_server.metrics import Metrics
@@ -36,10 +38,11 @@ class FakeWorkers:
         self.registered.discard(sha256)
 
 
-def replica(root: Path) -> CapabilityService:
+def replica(root: Path, url: str | None = None) -> CapabilityService:
     shape = ModelShape(served_names=["tiny"], num_layers=4, hidden_size=64)
     metrics = Metrics(CollectorRegistry())
-    return CapabilityService(Registry(root), FakeWorkers(), shape, metrics, 1 << 20, 10.0, POLL)
+    registry = Registry(root, coordination_for(root, url))
+    return CapabilityService(registry, FakeWorkers(), shape, metrics, 1 << 20, 10.0, POLL)
 
 
 async def body(data: bytes):
@@ -67,11 +70,17 @@ async def until(predicate, within: float) -> float:
     return time.monotonic() - start
 
 
+@pytest.fixture(params=["file", "postgres"])
+def registry_url(request) -> str | None:
+    """Where the pair's registry keeps its shared state: None for files, else a fresh database."""
+    return request.getfixturevalue("postgres_url") if request.param == "postgres" else None
+
+
 @pytest.fixture
-def run_pair(tmp_path):
+def run_pair(tmp_path, registry_url):
     def run(scenario):
         async def main():
-            a, b = replica(tmp_path / "shared"), replica(tmp_path / "shared")
+            a, b = replica(tmp_path / "shared", registry_url), replica(tmp_path / "shared", registry_url)
             await a.start()
             await b.start()
             try:
@@ -150,12 +159,12 @@ def test_writes_judge_conflicts_on_the_disk_not_a_stale_view(run_pair):
     run_pair(scenario)
 
 
-def test_a_restarted_replica_registers_everything(run_pair, tmp_path):
+def test_a_restarted_replica_registers_everything(run_pair, tmp_path, registry_url):
     async def scenario(a: CapabilityService, b: CapabilityService) -> None:
         sha = (await upload(a, V1))["sha256"]
         await upload(a, V2, name="second")
         await b.stop()
-        fresh = replica(tmp_path / "shared")
+        fresh = replica(tmp_path / "shared", registry_url)
         await fresh.start()
         try:
             assert usable(fresh, "steer") == sha and usable(fresh, "second") is not None
@@ -175,12 +184,12 @@ class RefusingWorkers(FakeWorkers):
 def test_an_upload_the_engine_refuses_leaves_the_shared_directory_as_it_was(run_pair):
     async def scenario(a: CapabilityService, b: CapabilityService) -> None:
         await upload(a, V1)
-        before = a.registry.coordination.manifest_path.read_bytes()
+        before = a.registry.read()
         b.workers = RefusingWorkers()
         with pytest.raises(APIError) as err:
             await upload(b, V2, name="refused")
         assert err.value.status == 500 and "registry full" in err.value.message
-        assert a.registry.coordination.manifest_path.read_bytes() == before
+        assert a.registry.read() == before
         assert len(list(a.registry.blobs.iterdir())) == 1 and list(a.registry.tmp.iterdir()) == []
         assert usable(a, "steer") is not None
 
@@ -198,5 +207,10 @@ def test_poll_interval_comes_from_the_flag_the_environment_or_the_default(monkey
     assert settings_from_args(parser.parse_args([])).registry_poll_interval == 0.5
     flag = parser.parse_args(["--registry-poll-interval", "3"])
     assert settings_from_args(flag).registry_poll_interval == 3.0
+    assert settings_from_args(flag).registry_url is None  # files next to the blobs
+    monkeypatch.setenv("UNLOCK_REGISTRY_URL", "postgresql://env/db")
+    assert settings_from_args(parser.parse_args([])).registry_url == "postgresql://env/db"
+    flag = parser.parse_args(["--registry-url", "postgresql://flag/db"])
+    assert settings_from_args(flag).registry_url == "postgresql://flag/db"
     with pytest.raises(ValidationError, match="registry_poll_interval must be positive"):
         settings_from_args(parser.parse_args(["--registry-poll-interval", "0"]))
