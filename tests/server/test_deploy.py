@@ -103,3 +103,51 @@ def test_compose_reserves_a_gpu_for_the_gpu_service(compose):
     devices = compose["services"]["unlock-serve"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and devices[0]["capabilities"] == ["gpu"]
     assert "deploy" not in compose["services"]["unlock-serve-cpu"]
+
+
+@pytest.fixture(scope="module")
+def kubernetes() -> dict[str, dict]:
+    documents = yaml.safe_load_all((ROOT / "docs" / "deploy" / "kubernetes.yaml").read_text())
+    return {doc["kind"]: doc for doc in documents}
+
+
+def test_kubernetes_replicas_share_one_read_write_many_registry(parser, kubernetes):
+    deployment, claim = kubernetes["Deployment"], kubernetes["PersistentVolumeClaim"]
+    assert deployment["spec"]["replicas"] >= 2 and claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    args = parser.parse_args(container["args"])
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    registry_volume = volumes[mounts[args.capabilities_dir]]
+    assert registry_volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert args.host == "0.0.0.0" and args.registry_poll_interval > 0
+    assert pod["securityContext"]["fsGroup"] == 1000  # the image's user owns what it writes
+    assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+
+
+def test_kubernetes_probes_metrics_and_service_use_the_served_port(parser, kubernetes):
+    deployment, service = kubernetes["Deployment"], kubernetes["Service"]
+    template = deployment["spec"]["template"]
+    (container,) = template["spec"]["containers"]
+    port = parser.parse_args(container["args"]).port
+    (named,) = container["ports"]
+    assert named["containerPort"] == port
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/health", "port": named["name"]}, probe
+    annotations = template["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/path"] == "/metrics"
+    assert int(annotations["prometheus.io/port"]) == port
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["ports"][0]["targetPort"] == named["name"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_kubernetes_keys_come_from_a_secret(kubernetes):
+    (container,) = kubernetes["Deployment"]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    for name in ("UNLOCK_API_KEY", "UNLOCK_ADMIN_KEY"):
+        ref = env[name]["valueFrom"]["secretKeyRef"]
+        assert ref["name"] == "unlock-serve-keys" and not ref.get("optional"), name
+    assert env["UNLOCK_REGISTRY_URL"]["valueFrom"]["secretKeyRef"]["optional"] is True
+    assert all("value" not in e for e in container["env"]), "no secret values in the manifest"
