@@ -2,5 +2,6 @@
 
 from unlock._version import __version__
 from unlock.artifacts import ArtifactError, Capability, TargetInfo
+from unlock.validation import Limits
 
-__all__ = ["ArtifactError", "Capability", "TargetInfo", "__version__"]
+__all__ = ["ArtifactError", "Capability", "Limits", "TargetInfo", "__version__"]

@@ -22,7 +22,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
 from unlock._version import __version__
-from unlock.ops import MODES
+from unlock.ops import OPERATORS, table_rows
+from unlock.validation import DEFAULT_LIMITS, ArtifactError, Limits, check_limits, check_steering
 
 FORMAT_TAG = "unlock.capability"
 FORMAT_VERSION = 1
@@ -39,13 +40,9 @@ OPTIONAL_KEYS = (
     "aggregation", "center", "locked_template", "unlocked_template", "chat_template", "alignment_errors",
     "dtype", "alignment", "align_positions", "align_data", "align_field", "align_template", "align_n",
     "align_skip", "n_pairs", "ridge", "cv_folds", "error_kind", "layer_selection", "candidate_layers",
-    "candidate_errors", "grid_errors",
+    "candidate_errors", "grid_errors", "positions", "row_norm", "combined_from", "combine_expression",
 )  # fmt: skip
 FACTOR_TENSORS = ("source_directions", "align.v_s", "align.m", "align.v_t")
-
-
-class ArtifactError(ValueError):
-    """A capability file or capability that is malformed, or that does not fit the model it is used with."""
 
 
 @dataclass(frozen=True)
@@ -254,8 +251,6 @@ class Capability:
             )
         if not meta["name"]:
             raise ArtifactError("capability name is empty")
-        if meta["mode"] not in MODES:
-            raise ArtifactError(f"unknown mode {meta['mode']!r}; expected one of {MODES}")
         if meta["storage"] not in STORAGES:
             raise ArtifactError(f"unknown storage {meta['storage']!r}; expected one of {STORAGES}")
         try:
@@ -304,11 +299,8 @@ class Capability:
             ):
                 _shape(self.tensors, name, shape)
             directions = target_directions_from_factors(*(self.tensors[n] for n in FACTOR_TENSORS))
-        norms = directions.norm(dim=-1)
-        if not torch.isfinite(directions).all() or (self.mode == "rotate" and (norms == 0).any()):
-            raise ArtifactError(
-                "target directions are non-finite or zero; a rotate capability needs non-zero rows"
-            )
+        meta = self.metadata
+        check_steering(meta["mode"], meta.get("positions"), meta.get("row_norm"), self.layers, directions)
         return directions
 
     # -- accessors
@@ -319,6 +311,16 @@ class Capability:
     @property
     def mode(self) -> str:
         return self.metadata["mode"]
+
+    @property
+    def positions(self) -> str:
+        """Which tokens it edits unless a request says otherwise (`unlock.ops.POSITIONS`)."""
+        return self.metadata.get("positions") or OPERATORS[self.mode].default_positions
+
+    @property
+    def row_norm(self) -> str:
+        """`unit`: each layer's direction enters the operator normalised; `stored`: as stored."""
+        return self.metadata.get("row_norm") or OPERATORS[self.mode].row_norms[0]
 
     @property
     def storage(self) -> str:
@@ -357,6 +359,19 @@ class Capability:
     def target_directions(self) -> torch.Tensor:
         """float32 [len(layers), target_hidden_size], one row per steered target layer (a fresh copy)."""
         return self._directions.clone()
+
+    def table_rows(self) -> torch.Tensor:
+        """float32 [len(layers), hidden]: what the operator's tables hold for each steered layer."""
+        return table_rows(self._directions, self.row_norm)
+
+    def validate(
+        self, num_layers: int | None = None, hidden_size: int | None = None, limits: Limits = DEFAULT_LIMITS
+    ) -> None:
+        """The one validator (`unlock.validation`): ArtifactError unless this capability fits the model
+        (when its shape is given) and applies within `limits` with finite results."""
+        if num_layers is not None and hidden_size is not None:
+            self.check_target(num_layers, hidden_size)
+        check_limits(self.name, self.default_strength, self.table_rows(), limits)
 
     def check_target(self, num_layers: int, hidden_size: int) -> None:
         """Raise ArtifactError unless the model has the layer count and hidden size this was built for."""

@@ -15,8 +15,10 @@ from dataclasses import fields
 
 from unlock._version import __version__
 from unlock.artifacts import Capability
+from unlock.combine import combine, parse_expression, resolve
 from unlock.directions import AGGREGATIONS
-from unlock.ops import MODES
+from unlock.ops import MODES, OPERATORS
+from unlock.ops import POSITIONS as STEER_POSITIONS
 from unlock.pairing import POSITIONS
 from unlock.pipeline import (
     AlignConfig,
@@ -31,6 +33,7 @@ from unlock.pipeline import (
     run_capture,
     run_extract,
 )
+from unlock.validation import Limits
 
 EXIT_USAGE = 2
 
@@ -144,7 +147,14 @@ def add_align_options(parser: argparse.ArgumentParser) -> None:
         metavar="K",
         help="steer only the K of --layers whose held-out map error is lowest (chosen without labels)",
     )
-    group.add_argument("--mode", choices=MODES, default="rotate")
+    group.add_argument("--mode", choices=MODES, default="rotate", help="the operator (see docs/unlock.md)")
+    group.add_argument(
+        "--positions",
+        choices=STEER_POSITIONS,
+        help="the tokens it edits unless a request says otherwise (default: the mode's: "
+        + ", ".join(f"{op.name} {op.default_positions}" for op in OPERATORS.values())
+        + ")",
+    )
     group.add_argument("--strength", type=float, default=0.1, help="default strength")
     group.add_argument("--name", required=True, help="capability name")
     group.add_argument("--store", choices=("factors", "directions"), default="factors")
@@ -188,10 +198,24 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("file")
     inspect.add_argument("--json", action="store_true", help="print the metadata as JSON")
 
+    combine = commands.add_parser(
+        "combine", help="a weighted sum of capabilities of one target, as one capability"
+    )
+    combine.add_argument("expression", help="e.g. '0.5*cot + math - verbose' (files, or NAME.safetensors)")
+    combine.add_argument("--name", required=True, help="capability name")
+    combine.add_argument(
+        "--strength", type=float, default=1.0, help="default strength (default 1: the expression as written)"
+    )
+    combine.add_argument("-o", "--output", required=True, help="capability file to write (.safetensors)")
+
     generate = commands.add_parser("generate", help="greedy generation with capabilities switched on")
     generate.add_argument("--model", required=True)
     generate.add_argument(
-        "--capability", action="append", default=[], metavar="FILE[@STRENGTH]", help="repeatable"
+        "--capability",
+        action="append",
+        default=[],
+        metavar="FILE[@STRENGTH[:POSITIONS]]",
+        help="repeatable; POSITIONS overrides the capability's (last_prompt, prompt, generated, all)",
     )
     generate.add_argument("--prompt", action="append", required=True, help="repeatable; one generation each")
     generate.add_argument("--template", help="direct, cot or a file: the prompt is then the question")
@@ -252,7 +276,8 @@ def describe(capability: Capability) -> str:
     lines = [
         f"capability  {capability.name}",
         f"sha256      {capability.sha256}",
-        f"mode        {capability.mode} (default strength {capability.default_strength:g})",
+        f"mode        {capability.mode} (default strength {capability.default_strength:g}, edits "
+        f"{capability.positions} tokens, {capability.row_norm} rows)",
         f"target      {capability.target_name} ({capability.target_architecture}, "
         f"{capability.target_num_layers} layers, hidden {capability.target_hidden_size})",
         f"storage     {capability.storage}"
@@ -264,6 +289,10 @@ def describe(capability: Capability) -> str:
             f"method      N={meta.get('n')}, {meta.get('aggregation')}, "
             f"templates {meta.get('locked_template')} -> {meta.get('unlocked_template')}"
         )
+    if "combined_from" in meta:
+        sources = json.loads(meta["combined_from"])
+        parts = [f"{t['weight']:g}*{t['name']} ({t['sha256'][:12]})" for t in sources]
+        lines.append(f"combined    {' + '.join(parts)}")
     if meta.get("alignment") == "identity":
         lines.append("alignment   identity (the target is the source-locked model: its own directions)")
     elif "rank" in meta:
@@ -295,6 +324,7 @@ def describe(capability: Capability) -> str:
 
 def cmd_inspect(args: argparse.Namespace, timer: Timer) -> None:
     capability = Capability.load(args.file)
+    capability.validate()  # what the server would refuse, this refuses too
     if args.json:
         shapes = {name: list(t.shape) for name, t in capability.tensors.items()}
         print(
@@ -306,21 +336,35 @@ def cmd_inspect(args: argparse.Namespace, timer: Timer) -> None:
         print(describe(capability))
 
 
-def parse_capability(spec: str) -> tuple[Capability, float]:
-    """FILE or FILE@STRENGTH (the strength defaults to the capability's own)."""
-    path, sep, strength = spec.rpartition("@")
+def parse_capability(spec: str) -> tuple[Capability, float, str]:
+    """FILE, FILE@STRENGTH or FILE@STRENGTH:POSITIONS (defaults: the capability's own); checked as the
+    server checks an upload and a request."""
+    path, value, positions = spec, None, None
+    head, sep, tail = spec.rpartition("@")
     if sep:
+        raw, _, maybe_positions = tail.partition(":")
         try:
-            value = float(strength)
+            value = float(raw) if raw else None
+            path, positions = head, maybe_positions or None
         except ValueError:
-            path, value = spec, None  # an '@' inside the file name
-    else:
-        path, value = spec, None
+            pass  # an '@' inside the file name
     capability = Capability.load(path)
+    capability.validate()
+    limit = Limits().max_strength
     value = capability.default_strength if value is None else value
-    if not math.isfinite(value):
-        raise ValueError(f"strength in {spec!r} must be a finite number")
-    return capability, value
+    if not math.isfinite(value) or abs(value) > limit:
+        raise ValueError(f"strength in {spec!r} must be a finite number within ±{limit:g}")
+    if positions is not None and positions not in STEER_POSITIONS:
+        raise ValueError(f"positions in {spec!r} must be one of {STEER_POSITIONS}")
+    return capability, value, positions or capability.positions
+
+
+def cmd_combine(args: argparse.Namespace, timer: Timer) -> None:
+    terms = [(weight, Capability.load(resolve(name))) for weight, name in parse_expression(args.expression)]
+    capability = combine(terms, args.name, args.strength, args.expression)
+    capability.save(args.output)
+    print(describe(capability))
+    print(f"wrote {args.output}")
 
 
 def cmd_generate(args: argparse.Namespace, timer: Timer) -> None:
@@ -330,7 +374,7 @@ def cmd_generate(args: argparse.Namespace, timer: Timer) -> None:
 
     selection = [parse_capability(spec) for spec in args.capability]  # bad files fail before the model loads
     lm = ModelCache(pick(ModelOptions, args), timer).get(args.model)
-    for capability, _ in selection:
+    for capability, *_ in selection:
         capability.check_target(lm.num_layers, lm.hidden_size)
     template = load_template(args.template) if args.template else "{question}"
     prompts = format_prompts(lm.tokenizer, args.prompt, template, args.chat)
@@ -352,7 +396,7 @@ def cmd_generate(args: argparse.Namespace, timer: Timer) -> None:
 
 
 COMMANDS = {"build": cmd_build, "extract": cmd_extract, "capture": cmd_capture, "align": cmd_align,
-            "inspect": cmd_inspect, "generate": cmd_generate}  # fmt: skip
+            "inspect": cmd_inspect, "combine": cmd_combine, "generate": cmd_generate}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

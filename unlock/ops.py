@@ -1,13 +1,28 @@
-"""The steering math, shared by the HF reference (`unlock.steering`) and the vLLM patch (`unlock_vllm`).
+"""The steering operators: one spec per mode, the positions they edit, and the reference math.
 
-One definition, so the engine is tested against exactly the equations it runs:
+Everything that differs between modes is written down once here and read by the HF reference
+(`unlock.steering`), the engine's CPU kernel (`unlock_vllm.steer_op`, which runs `steer_hidden`), the fused
+Triton kernel (`unlock_vllm.triton_steer`, the same math per token row, checked against `steer_hidden`),
+the artifact validator (`unlock.validation`), the block-hash keys (`unlock_vllm.prefix_cache`) and the docs.
+Adding a mode means one `Operator` here plus its branch in `steer_hidden` and in the Triton kernel.
 
-- ``add``:    s <- s + sum_i a_i r_i                                   at every token
-- ``rotate``: s <- |s| * u / |u|,  u = s/|s| + sum_i a_i r_i / |r_i|   at the last prompt token only
+Per layer, with s the residual stream after the decoder layer and r_i the table row of capability i:
+- ``ablate``: s <- s - sum_i a_i (s . r_i) r_i            r_i unit; a = 1 removes the component
+- ``add``:    s <- s + sum_i a_i r_i                      r_i as stored
+- ``rotate``: s <- |s| u / |u|,  u = s/|s| + sum_i a_i r_i  r_i unit (the paper's operator)
+A layer applies ablate, then add, then rotate; every ablation is measured on the stream that enters the
+layer's steering, so ablations compose as a sum of projections (order-free, and exact for orthogonal
+directions). Which tokens a capability edits is its *positions* (`POSITIONS`), not its mode; each mode only
+has a default.
 
-where s is the residual stream after a decoder layer. ``add`` is applied first, then ``rotate``.
-Per-request sums are composed once (`compose_rows`) into table rows; row 0 of every table is zero and
-means "not steered", so a forward only gathers rows by a per-token index and never branches in Python.
+Tables (the engine's are fixed-address tensors; the HF reference builds the same ones per batch):
+- ``dirs`` [C, d]: table row of capability c at this layer; row 0 is zero.
+- ``gate`` [C] float32: 1 where capability c steers this layer, else 0 (a capability steers its own layers
+  only: rotating by a zero row would be the identity only up to rounding).
+- ``term_cap`` int64 [R, J], ``term_strength`` float32 [R, J], ``term_op`` int64 [R, J]: term row r lists up
+  to J (capability, strength, operator code) terms; capability 0 means no term. Row 0 is empty.
+- ``token_row`` int64 [>= T]: the term row of each token of the step; 0 = not steered.
+Requests with the same selection share term rows, so their composition is done once per step.
 """
 
 from __future__ import annotations
@@ -17,70 +32,184 @@ from dataclasses import dataclass
 
 import torch
 
-MODES = ("rotate", "add")
+# -- positions: which tokens a capability edits ----------------------------------------------------------
+# A token of a request is one of three classes: a prompt token before the last one, the last prompt token,
+# or a generated token (one fed back in decode, at position >= prompt length).
+PROMPT, LAST_PROMPT, GENERATED = 0, 1, 2
+TOKEN_CLASSES = (PROMPT, LAST_PROMPT, GENERATED)
+COVERS = {
+    "last_prompt": (LAST_PROMPT,),
+    "prompt": (PROMPT, LAST_PROMPT),
+    "generated": (GENERATED,),
+    "all": (PROMPT, LAST_PROMPT, GENERATED),
+}
+POSITIONS = tuple(COVERS)
 
 
+def first_edited(positions: str, prompt_len: int) -> int:
+    """The first token position a selector edits: KV before it is the unsteered KV (shareable)."""
+    return {"last_prompt": prompt_len - 1, "generated": prompt_len}.get(positions, 0)
+
+
+def edits_depend_on_prompt_end(positions: str, end: int, prompt_len: int) -> bool:
+    """Whether which tokens of [0, end) are edited depends on where the prompt ends (prefix-cache rule: a
+    follow-up turn whose prompt extends this one must then not reuse the block)."""
+    if positions == "all":
+        return False
+    if positions == "last_prompt":
+        return end > prompt_len - 1
+    return end > prompt_len  # prompt / generated: the boundary between edited and unedited tokens
+
+
+# -- operators -----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class SteeringTerm:
-    """One capability switched on for one request: its target directions and the strength asked for."""
+class Operator:
+    name: str
+    code: int  # in the term tables; the order in which one layer applies the modes
+    equation: str
+    composes: str  # how several capabilities of this mode combine in one request
+    default_positions: str
+    row_norms: tuple[str, ...]  # accepted `row_norm` of an artifact; the first is the default
+    combinable: bool  # `unlock combine`: a weighted sum of such capabilities is one capability of the mode
 
-    mode: str
+
+ABLATE = Operator(
+    "ablate",
+    1,
+    "s <- s - a (s . r) r, r unit",
+    "projections summed, each measured on the stream that enters the layer",
+    "all",
+    ("unit",),
+    False,  # ablating a sum of directions is not the sum of the ablations
+)
+ADD = Operator("add", 2, "s <- s + a r", "rows summed", "all", ("stored",), True)
+ROTATE = Operator(
+    "rotate",
+    3,
+    "s <- |s| u/|u|, u = s/|s| + a r, r unit",
+    "unit rows summed inside u",
+    "last_prompt",
+    ("unit", "stored"),  # stored: a combination of unit rows, kept as combined (`unlock combine`)
+    True,
+)
+OPERATORS = {op.name: op for op in (ROTATE, ADD, ABLATE)}
+MODES = tuple(OPERATORS)
+BY_CODE = {op.code: op for op in OPERATORS.values()}
+
+
+def operator(mode: str) -> Operator:
+    try:
+        return OPERATORS[mode]
+    except KeyError:
+        raise ValueError(f"unknown steering mode {mode!r}; expected one of {MODES}") from None
+
+
+def table_rows(directions: torch.Tensor, row_norm: str) -> torch.Tensor:
+    """A capability's directions [L, d] as its table rows, float32: unit rows, or as stored.
+
+    Normalised in float64, so a direction whose float32 norm would overflow still gives its unit row."""
+    if row_norm == "unit":
+        rows = directions.double()
+        return (rows / rows.norm(dim=-1, keepdim=True)).float()
+    if row_norm == "stored":
+        return directions.to(torch.float32, copy=True)
+    raise ValueError(f"unknown row_norm {row_norm!r}; expected 'unit' or 'stored'")
+
+
+# -- requests as term rows -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Term:
+    """One capability switched on for one request: its table row, strength, operator and positions."""
+
+    cap: int  # row in `dirs`
     strength: float
-    layers: Sequence[int]  # target layer indices, one per row of `directions`
-    directions: torch.Tensor  # [len(layers), hidden]
+    op: int  # Operator.code
+    positions: str
+
+    def __post_init__(self) -> None:
+        if self.positions not in COVERS:
+            raise ValueError(f"unknown positions {self.positions!r}; expected one of {POSITIONS}")
 
 
-def compose_rows(
-    terms: Sequence[SteeringTerm], num_layers: int, hidden_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum a request's capabilities into one ``add`` row and one ``rotate`` row per layer.
+def class_terms(terms: Sequence[Term]) -> tuple[tuple[tuple[int, float, int], ...], ...]:
+    """The (cap, strength, op) terms active on each token class (PROMPT, LAST_PROMPT, GENERATED).
 
-    Returns (add_rows, rot_rows), each float32 [num_layers, hidden_size]; layers a capability does not
-    steer get zeros. ``rotate`` directions enter unit-normalised (the paper's u = s/|s| + a r/|r|).
+    Equal tuples are equal term rows: requests with the same selection share them, and a request whose
+    terms cover every class uses one row for all its tokens.
     """
-    add_rows = torch.zeros(num_layers, hidden_size, dtype=torch.float32)
-    rot_rows = torch.zeros(num_layers, hidden_size, dtype=torch.float32)
-    for term in terms:
-        if term.mode not in MODES:
-            raise ValueError(f"unknown steering mode {term.mode!r}; expected one of {MODES}")
-        dirs = term.directions.to(torch.float32)
-        if term.mode == "rotate":
-            dirs = dirs / dirs.norm(dim=-1, keepdim=True)
-            rows = rot_rows
-        else:
-            rows = add_rows
-        for row, layer in zip(dirs, term.layers, strict=True):
-            rows[layer] += term.strength * row
-    return add_rows, rot_rows
+    return tuple(
+        tuple((t.cap, t.strength, t.op) for t in terms if cls in COVERS[t.positions]) for cls in TOKEN_CLASSES
+    )
 
 
+def token_classes(prompt_len: int, start: int, count: int) -> list[int]:
+    """The class of each of `count` tokens starting at position `start` (for layouts built token by token)."""
+    return [
+        PROMPT if p < prompt_len - 1 else LAST_PROMPT if p == prompt_len - 1 else GENERATED
+        for p in range(start, start + count)
+    ]
+
+
+# -- the reference math --------------------------------------------------------------------------------
 def steer_hidden(
     hidden: torch.Tensor,
     residual: torch.Tensor | None,
-    add_table: torch.Tensor,
-    rot_table: torch.Tensor,
-    add_index: torch.Tensor,
-    rot_index: torch.Tensor,
+    dirs: torch.Tensor,
+    gate: torch.Tensor,
+    term_cap: torch.Tensor,
+    term_strength: torch.Tensor,
+    term_op: torch.Tensor,
+    token_row: torch.Tensor,
 ) -> torch.Tensor:
-    """Apply one layer's steering to a flat batch of tokens; returns the new ``hidden``.
+    """Apply one layer's steering to a flat batch of tokens; returns a new ``hidden`` (never aliased).
 
     hidden, residual: [T, d]; the stream is hidden + residual (vLLM's decoder layers return the two
-    separately; pass residual=None when ``hidden`` already is the stream, as in HF models).
-    add_table, rot_table: [R, d] with row 0 zero. add_index, rot_index: int64 [>= T], sliced to T here so
-    the caller can keep them preallocated at a fixed address. Unsteered tokens come back bit-identical:
-    both edits are selected with ``where`` (adding a zero row would turn -0.0 into +0.0).
-    Pure tensor ops, no Python branch on data: safe under torch.compile and CUDA-graph capture.
+    separately; residual=None when ``hidden`` is the stream, as in HF models). Tables as in the module
+    docstring; ``token_row`` may be longer than T (a fixed-address buffer). All arithmetic is float32 and
+    the result is rounded to the hidden's dtype once. A token whose row has no live term at this layer
+    (strength 0, or no capability of it steers the layer) comes back bit for bit.
+
+    Data-dependent (it steers only the tokens that need it, and composes each term row used in this step
+    once): the CPU kernel and the HF reference run it as is; the Triton kernel computes the same per token.
     """
     num_tokens = hidden.shape[0]
-    add_rows = add_table[add_index[:num_tokens]].to(hidden.dtype)  # [T, d]
-    rot_rows = rot_table[rot_index[:num_tokens]]  # [T, d]
-    hidden = torch.where((add_index[:num_tokens] > 0).unsqueeze(-1), hidden + add_rows, hidden)
-    stream = hidden.float() if residual is None else (hidden + residual).float()
-    norm = stream.norm(dim=-1, keepdim=True)  # [T, 1]
-    direction = stream / norm.clamp_min(1e-30) + rot_rows.float()
-    rotated = norm * direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-    if residual is not None:
-        rotated = rotated - residual.float()
-    rotated_hidden = rotated.to(hidden.dtype)
-    steered = (rot_index[:num_tokens] > 0).unsqueeze(-1)  # [T, 1]
-    return torch.where(steered, rotated_hidden, hidden)
+    out = hidden.clone()
+    row = token_row[:num_tokens]
+    tokens = row.nonzero().squeeze(-1)  # [n]
+    if tokens.numel() == 0:
+        return out
+    used, inverse = row[tokens].unique(return_inverse=True)  # [U], [n]: each row composed once
+    caps = term_cap[used]  # [U, J]
+    weight = term_strength[used].float() * gate[caps].float()  # [U, J]; 0 where nothing is steered
+    op = term_op[used]  # [U, J]
+    w_ablate, w_add, w_rotate = (torch.where(op == o.code, weight, 0.0) for o in (ABLATE, ADD, ROTATE))
+    vectors = dirs.float()
+    h = hidden[tokens].float()  # [n, d]
+    res = None if residual is None else residual[tokens].float()
+    stream = h if res is None else h + res
+
+    edit = torch.zeros_like(h)  # [n, d]
+    for j in range(caps.shape[1]):  # ablate: coefficients from the incoming stream, one column at a time
+        if w_ablate[:, j].any():
+            unit = vectors[caps[inverse, j]]  # [n, d]
+            edit -= (w_ablate[inverse, j] * (stream * unit).sum(-1)).unsqueeze(-1) * unit
+    add_rows = h.new_zeros(len(used), h.shape[1])  # [U, d]
+    rot_rows = h.new_zeros(len(used), h.shape[1])
+    for j in range(caps.shape[1]):
+        if w_add[:, j].any():
+            add_rows += w_add[:, j, None] * vectors[caps[:, j]]
+        if w_rotate[:, j].any():
+            rot_rows += w_rotate[:, j, None] * vectors[caps[:, j]]
+    edited = ((w_ablate != 0) | (w_add != 0)).any(-1)[inverse].unsqueeze(-1)  # [n, 1]
+    h = torch.where(edited, h + (edit + add_rows[inverse]), h)
+
+    rotated = (w_rotate != 0).any(-1)[inverse].unsqueeze(-1)  # [n, 1]
+    stream = h if res is None else h + res
+    norm = stream.norm(dim=-1, keepdim=True)  # [n, 1]
+    u = stream / norm.clamp_min(1e-30) + rot_rows[inverse]
+    turned = norm * u / u.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    if res is not None:
+        turned = turned - res
+    h = torch.where(rotated, turned, h)
+    out[tokens] = torch.where(edited | rotated, h.to(hidden.dtype), hidden[tokens])
+    return out

@@ -21,11 +21,13 @@ from unlock.capture import LoadedModel, capture_last_token, format_prompts, load
 from unlock.data import load_questions
 from unlock.directions import extract_directions
 from unlock.layers import parse_layer_spec
-from unlock.ops import MODES
+from unlock.ops import POSITIONS as STEER_POSITIONS
+from unlock.ops import operator
 from unlock.pairing import POSITIONS
 from unlock.rows import alignment_rows
 from unlock.streams import Chunk, capture_streams
 from unlock.templates import load_template, template_label
+from unlock.validation import Limits
 
 EXTRACTED_TAG = "unlock.extracted"
 EXTRACTED_VERSION = "1"
@@ -95,6 +97,7 @@ class AlignConfig:
     layers: str = "all"
     select_layers: int | None = None  # steer only the K of `layers` with the lowest held-out map error
     mode: str = "rotate"
+    positions: str | None = None  # which tokens it edits by default; None: the mode's default
     strength: float = 0.1
     store: str = "factors"  # or "directions": dense target directions
 
@@ -179,6 +182,7 @@ def check_build(extract: ExtractConfig, align_config: AlignConfig, models: Model
     load_template(extract.locked_template)
     load_template(extract.unlocked_template)
     n = len(load_questions(extract.data, extract.field, extract.n))
+    check_steering_options(align_config)
     check_align(align_config, n)
     parse_layer_spec(align_config.layers, models.get(align_config.target).num_layers)
 
@@ -296,10 +300,7 @@ def run_align(extracted: Extracted, config: AlignConfig, models: ModelCache) -> 
     source layer each steered target layer was mapped from.
     """
     timer = models.timer
-    if config.mode not in MODES:
-        raise ValueError(f"unknown mode {config.mode!r}; expected one of {MODES}")
-    if not math.isfinite(config.strength):
-        raise ValueError(f"strength must be a finite number, got {config.strength}")
+    check_steering_options(config)
     if config.store not in ("factors", "directions"):
         raise ValueError(f"unknown --store {config.store!r}; expected 'factors' or 'directions'")
     target = models.get(config.target)
@@ -307,15 +308,16 @@ def run_align(extracted: Extracted, config: AlignConfig, models: ModelCache) -> 
     info = TargetInfo(target.architecture, target.num_layers, target.hidden_size, target.name)
     common = dict(layers=layers, mode=config.mode, default_strength=config.strength, target=info)
     meta = {key: extracted.metadata[key] for key in CARRIED_KEYS}
+    if config.positions is not None:
+        meta["positions"] = config.positions
     if same_model(extracted.metadata["source_locked"], target.name):
         if config.select_layers is not None:
             raise ValueError("--select-layers ranks layers by their map error; a same-model build fits none")
         if extracted.directions.shape != (target.num_layers, target.hidden_size):
             raise ValueError(f"the extracted directions do not fit {target.name!r}, though it is the source")
         directions = extracted.directions[layers]
-        check_directions(directions, config.mode)
         meta.update(alignment="identity", source_layers=json.dumps(layers))
-        return Capability.from_directions(config.name, directions, **common, metadata=meta), layers
+        return checked(Capability.from_directions(config.name, directions, **common, metadata=meta)), layers
     check_align(config, len(extracted.questions))
     settings = FitSettings(
         tuple(config.ranks), config.center, tuple(config.ridges), config.holdout, config.cv_folds, config.seed
@@ -337,7 +339,6 @@ def run_align(extracted: Extracted, config: AlignConfig, models: ModelCache) -> 
         fitted, directions = fitted.subset(keep), directions[keep]
         layers = fitted.target_layers
         common["layers"] = layers
-    check_directions(directions, config.mode)
     meta.update(align_meta)
     meta.update(
         alignment="fit",
@@ -360,8 +361,8 @@ def run_align(extracted: Extracted, config: AlignConfig, models: ModelCache) -> 
     if fitted.error_kind != "none":
         meta["alignment_errors"] = json.dumps([round(e, 6) for e in fitted.errors])
     if config.store == "directions":
-        return Capability.from_directions(
-            config.name, directions, **common, metadata=meta
+        return checked(
+            Capability.from_directions(config.name, directions, **common, metadata=meta)
         ), fitted.source_layers
     maps = fitted.maps
     factors = (
@@ -370,14 +371,24 @@ def run_align(extracted: Extracted, config: AlignConfig, models: ModelCache) -> 
         torch.stack([m.m for m in maps]),  # [L, k, k]
         torch.stack([m.v_t for m in maps]),  # [L, d_t, k]
     )
-    return Capability.from_factors(config.name, *factors, **common, metadata=meta), fitted.source_layers
+    capability = Capability.from_factors(config.name, *factors, **common, metadata=meta)
+    return checked(capability), fitted.source_layers
 
 
-def check_directions(directions: torch.Tensor, mode: str) -> None:
-    if mode == "rotate" and (directions.norm(dim=-1) == 0).any():
-        raise ValueError(
-            "a target direction is zero (the source direction is orthogonal to the map); try more -n"
-        )
+def check_steering_options(config: AlignConfig) -> None:
+    """--mode, --positions and --strength, before any capture (the artifact validator checks them again)."""
+    operator(config.mode)
+    if config.positions is not None and config.positions not in STEER_POSITIONS:
+        raise ValueError(f"unknown --positions {config.positions!r}; expected one of {STEER_POSITIONS}")
+    limit = Limits().max_strength
+    if not math.isfinite(config.strength) or abs(config.strength) > limit:
+        raise ValueError(f"--strength must be a finite number within ±{limit:g}, got {config.strength}")
+
+
+def checked(capability: Capability) -> Capability:
+    """The capability, if the server would accept it (the one validator, with the default limits)."""
+    capability.validate()
+    return capability
 
 
 # Settings of the extraction step that the capability records as they are.

@@ -1,9 +1,11 @@
 """Reference steering for Hugging Face models: the oracle the vLLM patch is tested against.
 
 Forward hooks on the decoder layers apply ``unlock.ops.steer_hidden`` (the same function the engine runs) to
-each layer's output. A batch holds prompts that each switch on their own capabilities at their own strengths:
-row 1 + b of every table is prompt b's composed row (row 0 is zero), and per-token indices pick the rows.
-``rotate`` edits only the last prompt token during prefill; ``add`` edits every token, generated ones too.
+each layer's output, with tables built the way the engine builds them: one table row per capability, term
+rows per prompt and token class (`unlock.ops.class_terms`), and a term row per token. Each prompt switches on
+its own capabilities at its own strengths, each at its own positions (the capability's default, or the one
+the selection gives): ``last_prompt`` edits the last prompt token during prefill, ``prompt`` every prompt
+token, ``generated`` every generated token, ``all`` every token.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from torch import nn
 from unlock.artifacts import Capability
 from unlock.capture import encode, forward_kwargs, left_pad, pad_id_of, stream_of
 from unlock.layers import find_decoder_layers, hidden_size_of
-from unlock.ops import SteeringTerm, compose_rows, steer_hidden
+from unlock.ops import GENERATED, Term, class_terms, operator, steer_hidden, token_classes
 
-Selection = Sequence[tuple[Capability, float]]  # the capabilities one prompt switches on, with strengths
+# The capabilities one prompt switches on: (Capability, strength) or (Capability, strength, positions).
+Selection = Sequence[tuple]
 
 
 @dataclass
@@ -32,16 +35,16 @@ class Generation:
 class SteeringHooks:
     """**Installs forward hooks on ``layers`` while entered**; they are removed on exit.
 
-    ``set_batch`` composes each prompt's selection into per-layer tables; ``set_tokens`` says which rows the
-    next forward's tokens use. Outside a batch, or with no tokens set, the hooks leave outputs untouched.
+    ``set_batch`` builds the tables for a batch of selections; ``set_tokens`` says which term row each token
+    of the next forward uses. Outside a batch, or with no tokens set, the hooks leave outputs untouched.
     """
 
     def __init__(self, layers: nn.ModuleList, hidden_size: int):
         self.layers, self.hidden_size = layers, hidden_size
         self._handles: list = []
-        self._add = self._rot = None  # [num_layers, 1 + B, d] tables
-        self._add_live = self._rot_live = None  # [num_layers, 1 + B] bool: row r is non-zero at layer l
-        self._add_index = self._rot_index = None  # [B, T] int64 for the next forward
+        self._tables: dict[str, torch.Tensor] = {}
+        self._rows: list[tuple[int, int, int]] = []  # per prompt: term row of each token class
+        self._token_row: torch.Tensor | None = None  # [B, T] int64 for the next forward
 
     def __enter__(self) -> SteeringHooks:
         self._handles = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(self.layers)]
@@ -54,40 +57,72 @@ class SteeringHooks:
 
     def set_batch(self, selections: Sequence[Selection], device: torch.device) -> None:
         num_layers, d = len(self.layers), self.hidden_size
-        add = torch.zeros(num_layers, 1 + len(selections), d)
-        rot = torch.zeros(num_layers, 1 + len(selections), d)
-        for b, selection in enumerate(selections):
-            terms = []
-            for capability, strength in selection:
+        caps: dict[str, tuple[int, Capability]] = {}  # sha256 -> (table row, capability); row 0 = off
+        for selection in selections:
+            for capability, *_ in selection:
                 capability.check_target(num_layers, d)
-                terms.append(
-                    SteeringTerm(capability.mode, strength, capability.layers, capability.target_directions())
-                )
-            add[:, 1 + b], rot[:, 1 + b] = compose_rows(terms, num_layers, d)
-        self._add, self._rot = add.to(device), rot.to(device)
-        # A zero row is "not steered": rotating by it would be the identity up to rounding, so it is skipped.
-        self._add_live, self._rot_live = self._add.ne(0).any(-1), self._rot.ne(0).any(-1)
+                caps.setdefault(capability.sha256, (len(caps) + 1, capability))
+        dirs = torch.zeros(num_layers, len(caps) + 1, d)
+        gate = torch.zeros(num_layers, len(caps) + 1)
+        for index, capability in caps.values():
+            dirs[capability.layers, index] = capability.table_rows()
+            gate[capability.layers, index] = 1.0
+        keys: dict[tuple, int] = {(): 0}  # term row by its terms: equal selections share rows
+        self._rows = []
+        for selection in selections:
+            ordered = sorted(selection, key=lambda item: item[0].sha256)  # the wire's order
+            terms = [
+                Term(caps[c.sha256][0], float(a), operator(c.mode).code, rest[0] if rest else c.positions)
+                for c, a, *rest in ordered
+            ]
+            self._rows.append(tuple(keys.setdefault(key, len(keys)) for key in class_terms(terms)))
+        width = max(1, *(len(key) for key in keys))
+        term_cap = torch.zeros(len(keys), width, dtype=torch.int64)
+        term_strength = torch.zeros(len(keys), width)
+        term_op = torch.zeros(len(keys), width, dtype=torch.int64)
+        for key, row in keys.items():
+            for j, (cap, strength, op) in enumerate(key):
+                term_cap[row, j], term_strength[row, j], term_op[row, j] = cap, strength, op
+        self._tables = {
+            "dirs": dirs.to(device),
+            "gate": gate.to(device),
+            "term_cap": term_cap.to(device),
+            "term_strength": term_strength.to(device),
+            "term_op": term_op.to(device),
+        }
 
-    def prompt_rows(self) -> torch.Tensor:
-        """Row index of each prompt in the tables: [B] = 1..B."""
-        return torch.arange(1, self._add.shape[1], device=self._add.device)
+    def prefill_rows(self, prompt_lens: Sequence[int], width: int) -> torch.Tensor:
+        """[B, width] term rows of left-padded prompts: each token by its class, padding 0."""
+        rows = torch.zeros(len(prompt_lens), width, dtype=torch.int64)
+        for b, length in enumerate(prompt_lens):
+            classes = token_classes(length, 0, length)
+            rows[b, width - length :] = torch.tensor([self._rows[b][c] for c in classes], dtype=torch.int64)
+        return rows
 
-    def set_tokens(self, add_index: torch.Tensor | None, rot_index: torch.Tensor | None) -> None:
-        self._add_index, self._rot_index = add_index, rot_index
+    def decode_rows(self) -> torch.Tensor:
+        """[B, 1] term rows of generated tokens."""
+        return torch.tensor([[rows[GENERATED]] for rows in self._rows], dtype=torch.int64)
+
+    def set_tokens(self, token_row: torch.Tensor | None) -> None:
+        self._token_row = token_row
 
     def _hook(self, layer: int):
         def hook(module, args, output):
-            if self._add_index is None:
+            if self._token_row is None:
                 return None
             stream = stream_of(output)  # [B, T, d]
             b, t, d = stream.shape
-            # Tokens whose row is zero at this layer point at row 0, so they come back bit-identical.
-            add_index = self._add_index * self._add_live[layer][self._add_index]  # [B, T]
-            rot_index = self._rot_index * self._rot_live[layer][self._rot_index]  # [B, T]
-            flat = stream.reshape(b * t, d)
+            tables = self._tables
             flat = steer_hidden(
-                flat, None, self._add[layer], self._rot[layer], add_index.reshape(-1), rot_index.reshape(-1)
-            )  # HF's layer output is the whole stream: residual=None
+                stream.reshape(b * t, d),
+                None,  # HF's layer output is the whole stream
+                tables["dirs"][layer],
+                tables["gate"][layer],
+                tables["term_cap"],
+                tables["term_strength"],
+                tables["term_op"],
+                self._token_row.reshape(-1),
+            )
             steered = flat.reshape(b, t, d)
             return (steered, *output[1:]) if isinstance(output, tuple) else steered
 
@@ -120,17 +155,13 @@ def generate_batch(
     device = next(model.parameters()).device
     hooks.set_batch(selections, device)
     input_ids, mask, positions = (x.to(device) for x in left_pad(prompt_ids, pad_id))
-    rows = hooks.prompt_rows()  # [B]
     batch, width = input_ids.shape
-    # Prefill: `add` rows on every real prompt token, `rotate` rows on the last prompt token only.
-    add_index = rows[:, None] * mask  # [B, T]
-    rot_index = torch.zeros_like(add_index)
-    rot_index[:, -1] = rows
+    token_row = hooks.prefill_rows([len(ids) for ids in prompt_ids], width).to(device)  # [B, T]
     results = [Generation() for _ in range(batch)]
     done = [False] * batch
     cache, extra = None, forward_kwargs(model)
     for _step in range(max_new_tokens):
-        hooks.set_tokens(add_index, rot_index)
+        hooks.set_tokens(token_row)
         out = model(
             input_ids=input_ids,
             attention_mask=mask,
@@ -150,12 +181,12 @@ def generate_batch(
                 done[b] = token in eos_ids
         if all(done):
             break
-        # Decode: one new token per row, `add` rows only; generated tokens are never rotated.
+        # Decode: one new token per row, a generated token.
         input_ids = chosen[:, None]
         mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
         positions = positions[:, -1:] + 1
-        add_index, rot_index = rows[:, None].clone(), torch.zeros(batch, 1, dtype=torch.long, device=device)
-    hooks.set_tokens(None, None)
+        token_row = hooks.decode_rows().to(device)
+    hooks.set_tokens(None)
     return results
 
 
@@ -171,7 +202,8 @@ def steered_generate(
     chat: bool = False,
     layers: nn.ModuleList | None = None,
 ) -> list[Generation]:
-    """Greedy generation with prompt i steered by ``selections[i]`` (a list of (Capability, strength)).
+    """Greedy generation with prompt i steered by ``selections[i]``: a list of (Capability, strength) or
+    (Capability, strength, positions).
 
     Prompts are tokenized as vLLM tokenizes plain text (``tokenizer(prompt).input_ids``). With the default
     ``batch_size=1`` each prompt runs alone, without padding, for exact comparison with an engine; larger

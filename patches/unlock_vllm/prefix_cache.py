@@ -1,16 +1,19 @@
-"""Scheduler side: the steering fingerprint joins the KV block hash of steered requests.
+"""Scheduler side: the steering fingerprint joins the KV block hash of the blocks steering changes.
 
-Steered and unsteered runs of one prompt compute different KV, so they must never share blocks. vLLM
-hashes each full block from (parent hash, tokens, extra keys); we add ("unlock", fingerprint) to the
-extra keys of every block of a steered request. Block hashes chain, so block 0 alone would already
-separate everything downstream; adding it to every block also keeps KV events self-describing. The
-fingerprint names capabilities by sha256, so re-registering a name with new content never reuses
-blocks computed under the old content.
+Steered and unsteered runs of one prompt compute different KV from the first edited token on, so those
+blocks must never be shared. vLLM hashes each full block from (parent hash, tokens, extra keys); we add
+("unlock", fingerprint) to the extra keys of every block of a steered request that holds or follows an
+edited token. Block hashes chain, so that separates every later block too. The fingerprint names
+capabilities by sha256 with strengths, modes and positions, so re-registering a name with new content
+never reuses blocks computed under the old content.
 
-`rotate` edits the last prompt token only, so the KV of the block holding it (and of every later block)
-also depends on WHERE the prompt ends: a follow-up turn whose prompt extends this prompt plus its answer
-must not reuse the block that was rotated in the middle of its own prompt. Those blocks get
-("unlock_last_prompt_token", P - 1) as well.
+Which tokens are edited is each capability's positions (`unlock.ops`), so the rule is read from there:
+- a block that ends before the first edited token (`first_edited`: the last prompt token for
+  `last_prompt`, the first generated token for `generated`) holds the unsteered KV and keeps vLLM's own
+  hash: steered requests share such blocks with unsteered ones and with each other;
+- where the edited tokens of a block depend on where the prompt ends (`edits_depend_on_prompt_end`), the
+  block also gets ("unlock_prompt_len", P): a follow-up turn whose prompt extends this prompt plus its
+  answer then reuses the blocks before that boundary but never one edited differently in the new turn.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from unlock.ops import POSITIONS, edits_depend_on_prompt_end, first_edited
 from unlock_vllm.request import EXTRA_ARGS_KEY, decode_selection
 
 _WRAPPED = "__unlock_wrapped__"
@@ -30,11 +34,14 @@ def fingerprint(request: Any) -> str | None:
     return value if isinstance(value, str) and value not in ("", "[]") else None
 
 
-def _rotates(text: str) -> bool:
+@functools.lru_cache(maxsize=4096)
+def _positions(text: str) -> tuple[str, ...]:
+    """The positions of every selected capability; malformed input (the worker runs it unsteered) counts
+    as every position, so that keying more blocks is the safe side."""
     try:
-        return any(mode == "rotate" for _, _, mode in decode_selection(text))
+        return tuple(positions for *_, positions in decode_selection(text))
     except ValueError:
-        return True  # malformed (the worker runs it unsteered): keying more blocks is the safe side
+        return POSITIONS
 
 
 def steering_keys(request: Any, end_token_idx: int) -> tuple[tuple[Any, ...], ...]:
@@ -42,9 +49,12 @@ def steering_keys(request: Any, end_token_idx: int) -> tuple[tuple[Any, ...], ..
     key = fingerprint(request)
     if key is None:
         return ()
-    last_prompt = request.num_prompt_tokens - 1
-    if end_token_idx > last_prompt and _rotates(key):
-        return ((EXTRA_ARGS_KEY, key), ("unlock_last_prompt_token", last_prompt))
+    prompt_len = request.num_prompt_tokens
+    positions = _positions(key)
+    if end_token_idx <= min(first_edited(p, prompt_len) for p in positions):
+        return ()  # no edited token up to here: the block holds the unsteered KV
+    if any(edits_depend_on_prompt_end(p, end_token_idx, prompt_len) for p in positions):
+        return ((EXTRA_ARGS_KEY, key), ("unlock_prompt_len", prompt_len))
     return ((EXTRA_ARGS_KEY, key),)
 
 

@@ -1,8 +1,10 @@
-"""The worker-side capability registry: target directions by sha256, validated against the loaded model.
+"""The worker-side capability registry: capabilities by sha256, each in one row of the capability table.
 
-Unregistering is deferred for requests that already use a capability: the entry is retired (new requests
-can no longer pick it) but kept until the last request that composed it finishes, so a request that is
-preempted and resumed recomposes the same rows.
+Registration validates with the same validator the CLI and the server use (`Capability.validate`, with the
+server's strength limit and this model's dtype) and writes the capability's table rows once; requests then
+refer to it by its row. Unregistering is deferred for requests that already use a capability: the entry is
+retired (new requests can no longer pick it) but keeps its row until the last request that selected it
+finishes, so a request that is preempted and resumed recomposes the same terms.
 """
 
 from __future__ import annotations
@@ -12,7 +14,13 @@ from typing import Any
 
 import torch
 
-from unlock.ops import SteeringTerm
+from unlock.ops import Term, operator
+from unlock.validation import DEFAULT_MAX_STRENGTH
+from unlock_vllm.tables import CapabilityTable
+
+
+class RegistryFull(ValueError):
+    pass
 
 
 @dataclass
@@ -21,51 +29,50 @@ class Entry:
     name: str
     mode: str
     layers: list[int]
-    directions: torch.Tensor  # float32 [len(layers), hidden], on CPU: the precision rows are composed in
-    users: set[str] = field(default_factory=set)  # request ids that composed this entry and are alive
+    slot: int  # row in the capability table
+    users: set[str] = field(default_factory=set)  # request ids that selected this entry and are alive
     retired: bool = False
 
 
 class Registry:
-    def __init__(self, capacity: int, num_layers: int, hidden_size: int) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        num_layers: int,
+        hidden_size: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        layer_ids: list[int] | None = None,
+    ) -> None:
+        """`layer_ids`: the decoder layers this worker holds (all by default; pipeline ranks hold some)."""
         self.capacity = capacity
         self.num_layers = num_layers
         self.hidden_size = hidden_size
+        self.dtype = dtype
+        layer_ids = list(range(num_layers)) if layer_ids is None else layer_ids
+        self.table = CapabilityTable(layer_ids, capacity, hidden_size, dtype, torch.device(device))
         self.entries: dict[str, Entry] = {}
+        self.free_slots = list(range(capacity, 0, -1))
 
-    def register(self, path: str, sha256: str) -> dict[str, Any]:
-        """Load, verify and store one artifact; raises ValueError naming what is wrong."""
-        from unlock import Capability
+    def register(self, path: str, sha256: str, max_strength: float = DEFAULT_MAX_STRENGTH) -> dict[str, Any]:
+        """Load, validate and store one artifact; ArtifactError (invalid), RegistryFull or ValueError."""
+        from unlock import Capability, Limits
 
         existing = self.entries.get(sha256)
         if existing is not None:
             existing.retired = False
             return self._describe(existing)
-        if len(self.entries) >= self.capacity:
-            raise ValueError(
+        if not self.free_slots:
+            raise RegistryFull(
                 f"capability registry full ({self.capacity} entries): unregister one, or raise "
                 f"additional_config['unlock']['max_capabilities']"
             )
         cap = Capability.load(path)
         if cap.sha256 != sha256:
             raise ValueError(f"sha256 mismatch for {path}: expected {sha256}, file has {cap.sha256}")
-        cap.check_target(self.num_layers, self.hidden_size)
-        directions = cap.target_directions().detach().to("cpu", torch.float32)
-        layers = [int(layer) for layer in cap.layers]
-        if directions.shape != (len(layers), self.hidden_size):
-            raise ValueError(
-                f"directions of {cap.name!r} have shape {tuple(directions.shape)}, "
-                f"expected ({len(layers)}, {self.hidden_size})"
-            )
-        if not torch.isfinite(directions).all():
-            raise ValueError(f"directions of {cap.name!r} contain non-finite values")
-        if any(not 0 <= layer < self.num_layers for layer in layers):
-            raise ValueError(
-                f"layers {layers} of {cap.name!r} fall outside the model's {self.num_layers} layers"
-            )
-        if (directions.norm(dim=-1) == 0).any():
-            raise ValueError(f"a direction of {cap.name!r} is zero; rotate mode cannot normalise it")
-        entry = Entry(sha256, cap.name, cap.mode, layers, directions)
+        cap.validate(self.num_layers, self.hidden_size, Limits(max_strength=max_strength, dtype=self.dtype))
+        entry = Entry(sha256, cap.name, cap.mode, [int(i) for i in cap.layers], self.free_slots.pop())
+        self.table.write(entry.slot, entry.layers, cap.table_rows())
         self.entries[sha256] = entry
         return self._describe(entry)
 
@@ -75,28 +82,35 @@ class Registry:
             return {"ok": False, "error": f"capability {sha256} is not registered on this worker"}
         entry.retired = True
         if not entry.users:
-            del self.entries[sha256]
+            self._drop(entry)
         return {"ok": True, "error": None, "deferred_for_requests": len(entry.users)}
 
-    def terms(self, selection: list[tuple[str, float, str]], req_id: str) -> list[SteeringTerm]:
-        """The steering terms of one request; KeyError when a capability is unknown (or retired for it)."""
+    def terms(self, selection: list[tuple[str, float, str, str]], req_id: str) -> list[Term]:
+        """The steering terms of one request; KeyError when a capability is unknown (or retired for it),
+        ValueError when the request names another mode than the capability's."""
         terms = []
-        for sha256, strength, mode in selection:
+        for sha256, strength, mode, positions in selection:
             entry = self.entries.get(sha256)
             if entry is None or (entry.retired and req_id not in entry.users):
                 raise KeyError(f"capability {sha256} is not registered on this worker")
-            terms.append(SteeringTerm(mode, strength, entry.layers, entry.directions))
-        for sha256, _, _ in selection:
+            if mode != entry.mode:
+                raise ValueError(f"capability {sha256[:12]} is {entry.mode}, the request says {mode}")
+            terms.append(Term(entry.slot, strength, operator(mode).code, positions))
+        for sha256, *_ in selection:
             self.entries[sha256].users.add(req_id)
         return terms
 
     def release(self, req_id: str) -> None:
         """A request finished: drop it from its entries and free entries retired meanwhile."""
-        for sha256 in [sha for sha, e in self.entries.items() if req_id in e.users]:
-            entry = self.entries[sha256]
+        for entry in [e for e in self.entries.values() if req_id in e.users]:
             entry.users.discard(req_id)
             if entry.retired and not entry.users:
-                del self.entries[sha256]
+                self._drop(entry)
+
+    def _drop(self, entry: Entry) -> None:
+        del self.entries[entry.sha256]
+        self.table.clear(entry.slot)
+        self.free_slots.append(entry.slot)
 
     def active(self) -> list[str]:
         return sorted(sha for sha, e in self.entries.items() if not e.retired)

@@ -33,7 +33,7 @@ def _prepare_inputs(original):
             num_reqs = batch.num_reqs
             req_ids = batch.req_ids[:num_reqs]
             for req_id in req_ids:
-                if req_id not in state.slot_of:
+                if req_id not in state.rows_of:
                     state.admit(req_id, self.requests[req_id].sampling_params)
             state.write_step(
                 req_ids=req_ids,

@@ -131,15 +131,21 @@ def install(runner: Any, vllm_config: Any) -> SteeringState | None:
     hidden_size = runner.model_config.get_hidden_size()
     compilation = runner.vllm_config.compilation_config
     max_tokens = max(runner.max_num_tokens, compilation.max_cudagraph_capture_size or 0)
+    registry = old.registry if old else None  # a reload keeps what was registered
+    if registry is None:
+        registry = Registry(
+            config.max_capabilities,
+            num_layers,
+            hidden_size,
+            dtype=runner.model_config.dtype,
+            device=runner.device,
+            layer_ids=[i for i, _ in layers],
+        )
     state = SteeringState(
         layers=layers,
-        num_layers=num_layers,
-        hidden_size=hidden_size,
         max_num_reqs=runner.max_num_reqs,
         max_num_tokens=max_tokens,
-        dtype=runner.model_config.dtype,
-        device=runner.device,
-        registry=old.registry if old else Registry(config.max_capabilities, num_layers, hidden_size),
+        registry=registry,
         runner_class=f"{type(runner).__module__}.{type(runner).__qualname__}",
         compilation_mode=getattr(compilation.mode, "name", str(compilation.mode)),
     )
@@ -149,14 +155,17 @@ def install(runner: Any, vllm_config: Any) -> SteeringState | None:
         )
     setattr(runner, STATE_ATTR, state)
     logger.info(
-        "unlock: steering installed on %d/%d layers of %s.%s (runner %s, %d slots, %d token indices)",
+        "unlock: steering installed on %d/%d layers of %s.%s (runner %s, %d capabilities, %d term rows, "
+        "%d token indices; tables %s bytes)",
         state.wrapped_layers,
         num_layers,
         type(model).__name__,
         list_name,
         state.runner_class,
-        runner.max_num_reqs,
+        config.max_capabilities,
+        state.terms.cap.shape[0],
         max_tokens,
+        state.table_bytes(),
     )
     return state
 

@@ -1,12 +1,12 @@
-"""Per-runner steering state: fixed-address tables and index buffers, request slots, the per-step write.
+"""Per-runner steering state: the forward hooks, request admission, and the per-step write.
 
-Tensors (allocated once at model load, on the model's device, never reallocated):
-- add_table, rot_table: [num_layers, max_num_reqs + 1, hidden] in the model dtype; row 0 is zero (off).
-  Row k of layer l holds the composed steering of the request that owns slot k.
-- add_index, rot_index: int64 [max tokens per forward]; the table row for each flat token of the step.
-  ``add`` points every token of a steered request at its slot; ``rotate`` only its last prompt token.
-The forward hooks read only these tensors, so eager, torch.compile and CUDA-graph replay all see the
-values written in place here before each forward.
+Tensors (`tables`): the capability table (registered capabilities x layers held x hidden, model dtype), the
+term rows (small, shared by equal selections) and ``token_row``: int64 [max tokens per forward], the term
+row of each flat token of the step (tail zero). A request is admitted by looking its capabilities up and
+taking one term row per token class (prompt, last prompt token, generated; `unlock.ops`): no tensor math
+and no device copy. Each step writes ``token_row`` from the batch layout and uploads it, with the term rows
+admissions changed, without a host sync (`Staging`). The forward hooks read only these tensors, so eager,
+torch.compile and CUDA-graph replay all see the values written in place before each forward.
 """
 
 from __future__ import annotations
@@ -19,80 +19,65 @@ import numpy as np
 import torch
 from torch import nn
 
-from unlock.ops import compose_rows
+from unlock.ops import TOKEN_CLASSES, class_terms
 from unlock_vllm.registry import Registry
-from unlock_vllm.request import EXTRA_ARGS_KEY, decode_selection
+from unlock_vllm.request import EXTRA_ARGS_KEY, MAX_SELECTED, decode_selection
 from unlock_vllm.staging import Staging
 from unlock_vllm.steer_op import steer
+from unlock_vllm.tables import TermRows
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's configured "vllm" logger
 
+UNSTEERED = (0,) * len(TOKEN_CLASSES)
 
-def _make_hook(
-    add_table: torch.Tensor,
-    rot_table: torch.Tensor,
-    rot_map: torch.Tensor,
-    add_index: torch.Tensor,
-    rot_index: torch.Tensor,
-):
-    """A forward hook for one decoder layer; tensors only, so compiled graphs read the live values.
 
-    `rot_map` [rows] maps a slot to itself where its rotate row at this layer is non-zero, else to 0:
-    rotating by a zero row would be the identity only up to rounding, so such layers are skipped exactly.
-    """
+def _make_hook(dirs: torch.Tensor, gate: torch.Tensor, terms: TermRows, token_row: torch.Tensor):
+    """A forward hook for one decoder layer; tensors only, so compiled graphs read the live values."""
 
     def hook(module: nn.Module, args: Any, output: Any) -> Any:
-        hidden = output[0] if isinstance(output, tuple) else output
-        layer_rot_index = rot_map[rot_index[: hidden.shape[0]]]  # [T]
         if isinstance(output, tuple):  # (hidden, residual, ...): the stream is hidden + residual
-            hidden = steer(hidden, output[1], add_table, rot_table, add_index, layer_rot_index)
+            hidden = steer(output[0], output[1], dirs, gate, terms.cap, terms.strength, terms.op, token_row)
             return (hidden, *output[1:])
-        return steer(hidden, None, add_table, rot_table, add_index, layer_rot_index)
+        return steer(output, None, dirs, gate, terms.cap, terms.strength, terms.op, token_row)
 
     return hook
+
+
+def table_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class SteeringState:
     def __init__(
         self,
         layers: list[tuple[int, nn.Module]],
-        num_layers: int,
-        hidden_size: int,
         max_num_reqs: int,
         max_num_tokens: int,
-        dtype: torch.dtype,
-        device: torch.device,
         registry: Registry,
         runner_class: str,
         compilation_mode: str,
     ) -> None:
-        self.num_layers, self.hidden_size = num_layers, hidden_size
         self.registry = registry
+        self.num_layers, self.hidden_size = registry.num_layers, registry.hidden_size
         self.runner_class = runner_class
         self.compilation_mode = compilation_mode
-        rows = max_num_reqs + 1
-        self.add_table = torch.zeros(num_layers, rows, hidden_size, dtype=dtype, device=device)
-        self.rot_table = torch.zeros(num_layers, rows, hidden_size, dtype=dtype, device=device)
-        self.rot_map = torch.zeros(num_layers, rows, dtype=torch.int64, device=device)  # see _make_hook
-        self.add_index = torch.zeros(max_num_tokens, dtype=torch.int64, device=device)
-        self.rot_index = torch.zeros(max_num_tokens, dtype=torch.int64, device=device)
-        self._staging = Staging(self.add_index, self.rot_index)
-        self._dirty = False  # the buffers hold a non-zero index from an earlier step
-        self.slot_of: dict[str, int] = {}  # request id -> slot (0: runs unsteered)
-        self.free_slots = list(range(rows - 1, 0, -1))
-        self.has_add = np.zeros(rows, dtype=bool)
-        self.has_rot = np.zeros(rows, dtype=bool)
+        table = registry.table
+        device = table.dirs.device
+        # Each live request holds at most one row per token class: 3 per request, row 0 shared "no terms".
+        self.terms = TermRows(1 + len(TOKEN_CLASSES) * max_num_reqs, MAX_SELECTED, device)
+        self.token_row = torch.zeros(max_num_tokens, dtype=torch.int64, device=device)
+        self._staging = Staging(self.token_row, (self.terms.cap, self.terms.strength, self.terms.op))
+        self._dirty = False  # the buffer holds a non-zero row from an earlier step
+        self.rows_of: dict[str, tuple[int, ...]] = {}  # request id -> term row per token class
         self.handles = [
             layer.register_forward_hook(
-                _make_hook(
-                    self.add_table[i], self.rot_table[i], self.rot_map[i], self.add_index, self.rot_index
-                )
+                _make_hook(table.dirs[table.index[i]], table.gate[table.index[i]], self.terms, self.token_row)
             )
             for i, layer in layers
         ]
         self.wrapped_layers = len(self.handles)
         self.steered_tokens = 0  # tokens that got a non-zero row: proof that steering ran
-        self.preempted_slots = 0  # slots freed by preemption (the request recomposes on resume)
+        self.preempted_requests = 0  # steered requests freed by preemption (they recompose on resume)
 
     def remove(self) -> None:
         """Take the hooks off the model (reversible install)."""
@@ -101,62 +86,56 @@ class SteeringState:
         self.handles = []
         self.wrapped_layers = 0
 
+    def table_bytes(self) -> dict[str, int]:
+        """Bytes of the steering tensors on the device, by what they scale with."""
+        table = self.registry.table
+        return {
+            "capability_table": table_bytes([table.dirs, table.gate]),
+            "term_rows": table_bytes([self.terms.cap, self.terms.strength, self.terms.op]),
+            "token_row": table_bytes([self.token_row]),
+        }
+
     # -- request lifecycle -------------------------------------------------------------------------
 
     def free(self, req_ids: Iterable[str], finished: bool) -> None:
-        """Release the slots of requests that finished or were preempted (a resumed one recomposes)."""
+        """Release the rows of requests that finished or were preempted (a resumed one recomposes)."""
         for req_id in req_ids:
-            if self._release_slot(req_id):
-                self.preempted_slots += not finished
+            if self._release(req_id):
+                self.preempted_requests += not finished
             if finished:
                 self.registry.release(req_id)
 
     def admit(self, req_id: str, sampling_params: Any) -> None:
-        """Give a request entering the batch its slot: its rows composed once (slot 0: runs unsteered)."""
-        self._release_slot(req_id)  # a request re-added with new input (streaming) starts over
-        self.slot_of[req_id] = self._compose(req_id, sampling_params)
+        """Give a request entering the batch its term rows (all 0: runs unsteered)."""
+        self._release(req_id)  # a request re-added with new input (streaming) starts over
+        self.rows_of[req_id] = self._compose(req_id, sampling_params)
 
-    def _staged(self, rows: torch.Tensor) -> torch.Tensor:
-        """Host rows ready for a non-blocking upload: pinned on GPUs (a pageable copy would sync the
-        stream at each admission). The caching host allocator keeps the pinned block until the copy ran."""
-        return rows if self.add_table.device.type == "cpu" else rows.pin_memory()
+    def _release(self, req_id: str) -> bool:
+        rows = self.rows_of.pop(req_id, UNSTEERED)
+        for row in rows:
+            self.terms.release(row)
+        return rows != UNSTEERED
 
-    def _release_slot(self, req_id: str) -> bool:
-        slot = self.slot_of.pop(req_id, 0)
-        if not slot:
-            return False
-        self.add_table[:, slot].zero_()
-        self.rot_table[:, slot].zero_()
-        self.rot_map[:, slot] = 0
-        self.has_add[slot] = self.has_rot[slot] = False
-        self.free_slots.append(slot)
-        return True
-
-    def _compose(self, req_id: str, sampling_params: Any) -> int:
-        """Compose a request's rows into a free slot; 0 (unsteered) if it selects nothing or is bad."""
+    def _compose(self, req_id: str, sampling_params: Any) -> tuple[int, ...]:
+        """Look a request's capabilities up and take its term rows; unsteered if it selects nothing or is
+        malformed (the API server refuses such requests earlier; this keeps the engine alive)."""
         extra = getattr(sampling_params, "extra_args", None) or {}
         text = extra.get(EXTRA_ARGS_KEY)
         if text is None:
-            return 0
+            return UNSTEERED
+        taken: list[int] = []
         try:
             selection = decode_selection(text)
             if not selection:
-                return 0
-            if not self.free_slots:
-                raise RuntimeError("no free steering slot (more running requests than max_num_seqs)")
-            terms = self.registry.terms(selection, req_id)
-            add_rows, rot_rows = compose_rows(terms, self.num_layers, self.hidden_size)  # [L, d] each
+                return UNSTEERED
+            for key in class_terms(self.registry.terms(selection, req_id)):
+                taken.append(self.terms.acquire(key))
         except (ValueError, KeyError, RuntimeError) as exc:
+            for row in taken:
+                self.terms.release(row)
             logger.error("unlock: request %s runs unsteered: %s", req_id, exc)
-            return 0
-        slot = self.free_slots.pop()
-        rot_map = rot_rows.ne(0).any(-1).to(torch.int64) * slot  # [L]
-        self.add_table[:, slot].copy_(self._staged(add_rows), non_blocking=True)
-        self.rot_table[:, slot].copy_(self._staged(rot_rows), non_blocking=True)
-        self.rot_map[:, slot].copy_(self._staged(rot_map), non_blocking=True)
-        self.has_add[slot] = any(t.mode == "add" for t in terms)
-        self.has_rot[slot] = any(t.mode == "rotate" for t in terms)
-        return slot
+            return UNSTEERED
+        return tuple(taken)
 
     # -- per step ----------------------------------------------------------------------------------
 
@@ -167,27 +146,32 @@ class SteeringState:
         num_computed: np.ndarray,
         num_prompt: np.ndarray,
     ) -> None:
-        """Write this step's per-token indices in place (tail zeroed), batch order = `req_ids`, every one
-        of them admitted.
+        """Write this step's per-token rows in place (tail zeroed), batch order = `req_ids`, every one of
+        them admitted.
 
-        num_scheduled, num_computed, num_prompt: per request of the batch (N, C, P). The last prompt
-        token is in this step when C <= P-1 < C+N; its flat index is Q + P-1-C (Q = query start).
+        num_scheduled, num_computed, num_prompt: per request of the batch (N, C, P). The step holds
+        positions C..C+N-1 of each request: those below P-1 are prompt tokens, P-1 is the last prompt token
+        (also under chunked prefill and after a prefix-cache hit), the rest are generated tokens.
         """
-        slots = np.fromiter((self.slot_of[r] for r in req_ids), dtype=np.int64, count=len(req_ids))
-        if not slots.any() and not self._dirty:
-            return  # the buffers are all zero already: nothing to write
+        rows = np.array([self.rows_of[r] for r in req_ids], dtype=np.int64).reshape(-1, len(UNSTEERED))
+        changed = sorted(self.terms.dirty)
+        if not rows.any() and not self._dirty and not changed:
+            return  # the buffer is all zero already: nothing to write
+        self.terms.dirty.clear()
         num_tokens = int(num_scheduled.sum())
-        starts = np.cumsum(num_scheduled) - num_scheduled  # Q per request
-        add = np.repeat(np.where(self.has_add[slots], slots, 0), num_scheduled)  # [T]
-        last = num_prompt - 1 - num_computed
-        hit = self.has_rot[slots] & (last >= 0) & (last < num_scheduled)
-        add_host, rot_host = self._staging.host()
-        add_host[:num_tokens] = add
-        add_host[num_tokens:] = 0
-        rot_host[:] = 0
-        rot_host[(starts + last)[hit]] = slots[hit]
-        self.steered_tokens += int(np.count_nonzero(add)) + int(hit.sum())
-        self._dirty = bool(slots.any())
+        prompt = np.clip(num_prompt - 1 - num_computed, 0, num_scheduled)  # tokens before P-1
+        last = ((num_computed <= num_prompt - 1) & (num_prompt - 1 < num_computed + num_scheduled)).astype(
+            np.int64
+        )
+        generated = num_scheduled - prompt - last
+        counts = np.stack([prompt, last, generated], axis=1).ravel()  # [3n], in TOKEN_CLASSES order
+        token_row = np.repeat(rows.ravel(), counts)  # [T]
+        host = self._staging.host()
+        host[:num_tokens] = token_row
+        host[num_tokens:] = 0
+        self._staging.stage_rows(changed, (self.terms.host_cap, self.terms.host_strength, self.terms.host_op))
+        self.steered_tokens += int(np.count_nonzero(token_row))
+        self._dirty = bool(rows.any())
         self._staging.upload()
 
     def status(self) -> dict[str, Any]:
@@ -199,7 +183,9 @@ class SteeringState:
             "num_layers": self.num_layers,
             "hidden_size": self.hidden_size,
             "capacity": self.registry.capacity,
-            "slots_in_use": sum(1 for s in self.slot_of.values() if s),
+            "steered_requests": sum(1 for rows in self.rows_of.values() if rows != UNSTEERED),
+            "term_rows_in_use": self.terms.in_use(),
             "steered_tokens": self.steered_tokens,
-            "preempted_slots": self.preempted_slots,
+            "preempted_requests": self.preempted_requests,
+            "table_bytes": self.table_bytes(),
         }

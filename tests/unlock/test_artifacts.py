@@ -166,3 +166,53 @@ def test_from_directions_refuses_metadata_that_overrides_arguments():
 def test_missing_file():
     with pytest.raises(ArtifactError, match="does not exist"):
         Capability.load("/nonexistent/cap.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("mode", "rows", "message"),
+    [
+        ("add", [1], r"layer\(s\) \[3\] is zero: drop them"),  # one zero row, any mode
+        ("ablate", [0], r"layer\(s\) \[1\] is zero"),
+        ("add", [0, 1], "every target direction is zero"),
+        ("rotate", [0, 1], "every target direction is zero"),
+    ],
+)
+def test_zero_rows_are_refused_for_every_mode(mode, rows, message):
+    directions = torch.randn(2, 8, generator=torch.Generator().manual_seed(3))
+    directions[rows] = 0
+    with pytest.raises(ArtifactError, match=message):
+        dense_capability(mode=mode, directions=directions)
+
+
+def test_positions_and_row_norm_are_part_of_the_operator_spec():
+    assert (dense_capability().positions, dense_capability().row_norm) == ("last_prompt", "unit")
+    add = dense_capability(mode="add", metadata={"positions": "generated"})
+    assert (add.positions, add.row_norm) == ("generated", "stored")
+    torch.testing.assert_close(add.table_rows(), add.target_directions())
+    torch.testing.assert_close(dense_capability().table_rows().norm(dim=-1), torch.ones(2))
+    with pytest.raises(ArtifactError, match="unknown positions 'middle'"):
+        dense_capability(metadata={"positions": "middle"})
+    with pytest.raises(ArtifactError, match="row_norm 'stored' is not valid for mode 'ablate'"):
+        dense_capability(mode="ablate", metadata={"row_norm": "stored"})
+    stored = dense_capability(metadata={"row_norm": "stored"})  # a combined rotate capability
+    torch.testing.assert_close(stored.table_rows(), stored.target_directions())
+
+
+def test_validate_applies_the_deployment_limits():
+    from unlock import Limits
+
+    dense_capability().validate(4, 8)
+    with pytest.raises(ArtifactError, match="6 layers"):
+        dense_capability().validate(6, 8)
+    with pytest.raises(ArtifactError, match=r"default_strength 1e\+12 .* outside ±10"):
+        dense_capability(default_strength=1e12).validate()
+    dense_capability(default_strength=15).validate(limits=Limits(max_strength=20))
+    huge = torch.full((2, 8), 3e38)
+    with pytest.raises(ArtifactError, match=r"would steer by up to 3e\+39"):
+        dense_capability(mode="add", directions=huge).validate()
+    # A rotate capability enters as unit rows: however large its directions, what it applies is finite.
+    dense_capability(directions=huge).validate()
+    big = torch.full((2, 8), 1e3)
+    dense_capability(mode="add", directions=big).validate()
+    with pytest.raises(ArtifactError, match="float16"):
+        dense_capability(mode="add", directions=big).validate(limits=Limits(dtype=torch.float16))

@@ -178,3 +178,66 @@ def test_hooks_are_removed_even_when_a_capability_does_not_fit(lm):
 def test_selections_must_match_prompts(lm):
     with pytest.raises(ValueError, match="one selection per prompt"):
         steered_generate(lm.model, lm.tokenizer, PROMPTS, [[]], 4)
+
+
+def test_ablate_projects_the_direction_out_of_every_token(lm):
+    steered_layers = [1, 3]
+    cap = capability(lm, "ablate", steered_layers, seed=8)
+    for strength in (1.0, 0.5):
+        before, after = run_probed(lm, [(cap, strength)])
+        units = cap.table_rows()
+        for layer in range(lm.num_layers):
+            for step in range(3):  # the default positions of ablate: every token, generated ones too
+                x, y = before[layer][step][0], after[layer][step][0]  # [T, d]
+                if layer not in steered_layers:
+                    assert torch.equal(x, y)
+                    continue
+                r = units[steered_layers.index(layer)]
+                expected = x - strength * (x @ r)[:, None] * r  # [T, d]
+                torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+                if strength == 1.0:
+                    assert (y @ r).abs().max() < 1e-4 * x.norm(dim=-1).max()  # the component is gone
+
+
+@pytest.mark.parametrize(
+    ("positions", "prompt_edited", "last_edited", "generated_edited"),
+    [
+        ("last_prompt", False, True, False),
+        ("prompt", True, True, False),
+        ("generated", False, False, True),
+        ("all", True, True, True),
+    ],
+)
+@pytest.mark.parametrize("mode", ["add", "rotate", "ablate"])
+def test_positions_select_the_edited_tokens(
+    lm, mode, positions, prompt_edited, last_edited, generated_edited
+):
+    """Every operator at every position selector, chosen per request (the capability's own default is
+    overridden by the selection's third element)."""
+    cap = capability(lm, mode, [2], seed=9)
+    before, after = run_probed(lm, [(cap, 0.7, positions)])
+    x, y = before[2][0][0], after[2][0][0]  # prefill [T, d]
+    assert torch.equal(x[:-1], y[:-1]) != prompt_edited
+    assert torch.equal(x[-1], y[-1]) != last_edited
+    for step in (1, 2):
+        assert torch.equal(before[2][step], after[2][step]) != generated_edited
+
+
+def test_a_layer_applies_ablate_then_add_then_rotate(lm):
+    """Ablations are measured on the incoming stream, the add follows, the rotation comes last."""
+    ablate, add, rotate = (
+        capability(lm, mode, [1], seed=10 + i) for i, mode in enumerate(["ablate", "add", "rotate"])
+    )
+    before, after = run_probed(lm, [(rotate, 0.4, "all"), (add, 0.6), (ablate, 1.0)], steps=1)
+    x, y = before[1][0][0], after[1][0][0]  # [T, d]
+    a_unit, r_unit = ablate.table_rows()[0], rotate.table_rows()[0]
+    s = x - (x @ a_unit)[:, None] * a_unit + 0.6 * add.target_directions()[0]
+    u = s / s.norm(dim=-1, keepdim=True) + 0.4 * r_unit
+    expected = s.norm(dim=-1, keepdim=True) * u / u.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_positions_are_refused(lm):
+    cap = capability(lm, "add", [1], seed=13)
+    with pytest.raises(ValueError, match="unknown positions 'middle'"):
+        steered_generate(lm.model, lm.tokenizer, PROMPTS[:1], [[(cap, 0.5, "middle")]], 2)
