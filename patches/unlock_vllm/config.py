@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
+
+from unlock.validation import DEFAULT_MAX_STRENGTH
 
 CONFIG_KEY = "unlock"
 DEFAULT_MAX_CAPABILITIES = 64
@@ -19,6 +22,7 @@ DEFAULT_MODEL_RUNNER = "v1"
 class UnlockConfig:
     max_capabilities: int
     model_runner: str
+    max_strength: float = DEFAULT_MAX_STRENGTH  # the server's limit on |strength|, for the validator
 
 
 def read_config(vllm_config: Any) -> UnlockConfig | None:
@@ -37,4 +41,9 @@ def read_config(vllm_config: Any) -> UnlockConfig | None:
         raise ValueError(
             f"additional_config[{CONFIG_KEY!r}]['model_runner']={runner!r} must be one of {MODEL_RUNNERS}"
         )
-    return UnlockConfig(max_capabilities=cap, model_runner=runner)
+    strength = section.get("max_strength", DEFAULT_MAX_STRENGTH)
+    if isinstance(strength, bool) or not isinstance(strength, int | float) or not 0 < strength < math.inf:
+        raise ValueError(
+            f"additional_config[{CONFIG_KEY!r}]['max_strength']={strength!r} must be a positive finite number"
+        )
+    return UnlockConfig(max_capabilities=cap, model_runner=runner, max_strength=float(strength))

@@ -43,9 +43,12 @@ class Registry:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         layer_ids: list[int] | None = None,
+        max_strength: float = DEFAULT_MAX_STRENGTH,
     ) -> None:
-        """`layer_ids`: the decoder layers this worker holds (all by default; pipeline ranks hold some)."""
+        """`layer_ids`: the decoder layers this worker holds (all by default; pipeline ranks hold some).
+        `max_strength`: the server's strength limit, which the validator applies to registrations."""
         self.capacity = capacity
+        self.max_strength = max_strength
         self.num_layers = num_layers
         self.hidden_size = hidden_size
         self.dtype = dtype
@@ -54,7 +57,7 @@ class Registry:
         self.entries: dict[str, Entry] = {}
         self.free_slots = list(range(capacity, 0, -1))
 
-    def register(self, path: str, sha256: str, max_strength: float = DEFAULT_MAX_STRENGTH) -> dict[str, Any]:
+    def register(self, path: str, sha256: str) -> dict[str, Any]:
         """Load, validate and store one artifact; ArtifactError (invalid), RegistryFull or ValueError."""
         from unlock import Capability, Limits
 
@@ -70,7 +73,7 @@ class Registry:
         cap = Capability.load(path)
         if cap.sha256 != sha256:
             raise ValueError(f"sha256 mismatch for {path}: expected {sha256}, file has {cap.sha256}")
-        cap.validate(self.num_layers, self.hidden_size, Limits(max_strength=max_strength, dtype=self.dtype))
+        cap.validate(self.num_layers, self.hidden_size, Limits(self.max_strength, self.dtype))
         entry = Entry(sha256, cap.name, cap.mode, [int(i) for i in cap.layers], self.free_slots.pop())
         self.table.write(entry.slot, entry.layers, cap.table_rows())
         self.entries[sha256] = entry

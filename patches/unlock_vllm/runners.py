@@ -140,6 +140,7 @@ def install(runner: Any, vllm_config: Any) -> SteeringState | None:
             dtype=runner.model_config.dtype,
             device=runner.device,
             layer_ids=[i for i, _ in layers],
+            max_strength=config.max_strength,
         )
     state = SteeringState(
         layers=layers,

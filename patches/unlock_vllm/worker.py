@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from unlock.validation import DEFAULT_MAX_STRENGTH, ArtifactError
+from unlock.validation import ArtifactError
 from unlock_vllm.registry import RegistryFull
 from unlock_vllm.runners import STATE_ATTR
 
@@ -47,16 +47,14 @@ class UnlockWorkerExtension:
         dp_rank = getattr(parallel, "data_parallel_index", getattr(parallel, "data_parallel_rank", 0))
         return {"dp_rank": dp_rank, "rank": getattr(self, "rank", 0)}
 
-    def unlock_register(
-        self, path: str, sha256: str, max_strength: float = DEFAULT_MAX_STRENGTH
-    ) -> dict[str, Any]:
-        """Validate (the artifact validator, with the server's `max_strength` and this model's dtype) and
+    def unlock_register(self, path: str, sha256: str) -> dict[str, Any]:
+        """Validate (the artifact validator, with the engine's strength limit and the model dtype) and
         register. A refusal says its `kind`: "invalid" (the artifact), "full" (the registry), "error"."""
         state = self._unlock_state()
         if state is None:
             return {"ok": False, "error": _not_installed(), "kind": "error"}
         try:
-            return state.registry.register(path, sha256, max_strength)
+            return state.registry.register(path, sha256)
         except Exception as exc:  # any failure is the caller's to report, never the engine's to die of
             logger.error("unlock: register %s (%s) failed: %s", path, sha256, exc)
             return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "kind": _kind(exc)}

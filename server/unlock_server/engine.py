@@ -15,16 +15,22 @@ logger = logging.getLogger(__name__)
 
 
 class EngineRPCError(RuntimeError):
-    pass
+    def __init__(self, message: str, kind: str = "error"):
+        super().__init__(message)
+        self.kind = kind  # the workers' `kind`: "invalid" (the artifact), "full" (the registry) or "error"
 
 
-def engine_kwargs(model_runner: str | None = None) -> dict[str, Any]:
-    """Engine arguments that load the plugin's worker extension (merged into `AsyncEngineArgs`)."""
+def engine_kwargs(model_runner: str | None = None, max_strength: float | None = None) -> dict[str, Any]:
+    """Engine arguments that load the plugin's worker extension (merged into `AsyncEngineArgs`); the
+    workers validate registrations with the same strength limit as the server (`max_strength`)."""
     import unlock_vllm
 
-    if model_runner is None:
-        return unlock_vllm.engine_kwargs()
-    return unlock_vllm.engine_kwargs(model_runner=model_runner)
+    options: dict[str, Any] = {}
+    if model_runner is not None:
+        options["model_runner"] = model_runner
+    if max_strength is not None:
+        options["max_strength"] = max_strength
+    return unlock_vllm.engine_kwargs(**options)
 
 
 def check_engine_config(vllm_config: Any) -> None:
@@ -59,11 +65,15 @@ class Workers:
         ]
 
     async def register(self, path: str, sha256: str) -> None:
+        """Register on every worker; each validates as the server does, with its model dtype besides."""
         results = await self._call("unlock_register", path, sha256)
-        errors = [r.get("error") or "unknown error" for r in results if not r.get("ok")]
-        if errors:
+        failed = [r for r in results if not r.get("ok")]
+        if failed:
+            kinds = {r.get("kind", "error") for r in failed}
             raise EngineRPCError(
-                f"registering {sha256[:12]} failed on {len(errors)}/{len(results)} workers: {errors[0]}"
+                f"registering {sha256[:12]} failed on {len(failed)}/{len(results)} workers: "
+                f"{failed[0].get('error') or 'unknown error'}",
+                kinds.pop() if len(kinds) == 1 else "error",
             )
 
     async def unregister(self, sha256: str) -> None:

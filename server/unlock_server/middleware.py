@@ -170,7 +170,7 @@ class SelectionMiddleware:
         check_unique(choices)
         applied = self.service.resolve(str(base), choices)
         payload["model"] = base
-        selection = sorted((a.entry.sha256, a.strength, a.entry.mode) for a in applied)
+        selection = sorted(a.wire for a in applied)  # (sha256, strength, mode, positions)
         payload["vllm_xargs"] = {
             **(xargs if isinstance(xargs, dict) else {}),
             XARGS_KEY: encode_selection(selection),

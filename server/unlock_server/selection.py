@@ -7,36 +7,61 @@ Resolution against the registry happens in `service.CapabilityService.resolve`.
 from __future__ import annotations
 
 import math
+import reprlib
 from dataclasses import dataclass
 from typing import Any
+
+from unlock.ops import POSITIONS
 
 from .errors import APIError
 
 PARAM = "capabilities"
+FIELDS = ("name", "strength", "positions")  # of the object form of a selected capability
 
 
 @dataclass(frozen=True)
 class Choice:
     name: str
     strength: float | None  # None: the capability's default strength
+    positions: str | None = None  # None: the capability's own (`unlock.ops.POSITIONS`)
 
 
 def _bad(message: str) -> APIError:
     return APIError(400, message, param=PARAM)
 
 
+_short = reprlib.Repr()
+_short.maxlevel, _short.maxstring, _short.maxother = 2, 40, 40
+
+
+def _show(value: Any) -> str:
+    """A bounded repr of user input: a message must not recurse into, or copy, whatever a client sent."""
+    return _short.repr(value)
+
+
 def check_strength(name: str, value: Any, max_abs: float) -> float:
     """A finite number within [-max_abs, max_abs], else a 400 naming the capability and the value."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _bad(f"strength of capability {name!r} must be a number, got {value!r}")
+        raise _bad(f"strength of capability {_show(name)} must be a number, got {_show(value)}")
     strength = float(value)
     if not math.isfinite(strength) or abs(strength) > max_abs:
-        raise _bad(f"strength of capability {name!r} must be finite and within ±{max_abs}, got {value!r}")
+        raise _bad(
+            f"strength of capability {_show(name)} must be finite and within ±{max_abs}, got {value!r}"
+        )
     return strength
 
 
+def check_positions(name: str, value: Any) -> str:
+    if value not in POSITIONS:
+        raise _bad(
+            f"positions of capability {_show(name)} must be one of {list(POSITIONS)}, got {_show(value)}"
+        )
+    return value
+
+
 def parse_field(value: Any, max_abs: float) -> list[Choice]:
-    """The body field: `["cot"]`, `{"cot": 0.15}` or `[{"name": "cot", "strength": 0.15}]`."""
+    """The body field: `["cot"]`, `{"cot": 0.15}` or `[{"name": "cot", "strength": 0.15, "positions":
+    "all"}]` (strength and positions optional)."""
     if value is None:
         return []
     if isinstance(value, dict):
@@ -44,27 +69,31 @@ def parse_field(value: Any, max_abs: float) -> list[Choice]:
     if not isinstance(value, list):
         raise _bad(
             f"capabilities must be a list of names, a {{name: strength}} object or a list of "
-            f'{{"name", "strength"}} objects, got {type(value).__name__}'
+            f'{{"name", "strength", "positions"}} objects, got {type(value).__name__}'
         )
     choices = []
     for item in value:
         if isinstance(item, str):
             choices.append(Choice(item, None))
         elif isinstance(item, dict) and isinstance(item.get("name"), str):
-            extra = set(item) - {"name", "strength"}
+            name = item["name"]
+            extra = set(item) - set(FIELDS)
             if extra:
                 raise _bad(
-                    f"unknown keys {sorted(extra)} in capability {item['name']!r}; expected name, strength"
+                    f"unknown keys {_show(sorted(extra))} in capability {_show(name)}; expected {FIELDS}"
                 )
-            strength = item.get("strength")
+            strength, positions = item.get("strength"), item.get("positions")
             choices.append(
                 Choice(
-                    item["name"],
-                    None if strength is None else check_strength(item["name"], strength, max_abs),
+                    name,
+                    None if strength is None else check_strength(name, strength, max_abs),
+                    None if positions is None else check_positions(name, positions),
                 )
             )
         else:
-            raise _bad(f'each capability must be a name or {{"name", "strength"}}, got {item!r}')
+            raise _bad(
+                f'each capability must be a name or {{"name", "strength", "positions"}}, got {_show(item)}'
+            )
     return choices
 
 
@@ -81,7 +110,7 @@ def parse_model_suffix(suffix: str, max_abs: float) -> list[Choice]:
         try:
             value = float(raw)
         except ValueError:
-            raise _bad(f"strength of capability {name!r} must be a number, got {raw!r}") from None
+            raise _bad(f"strength of capability {_show(name)} must be a number, got {_show(raw)}") from None
         choices.append(Choice(name, check_strength(name, value, max_abs)))
     return choices
 
@@ -101,5 +130,5 @@ def check_unique(choices: list[Choice]) -> None:
     seen: set[str] = set()
     for choice in choices:
         if choice.name in seen:
-            raise _bad(f"capability {choice.name!r} is selected twice; select each capability once")
+            raise _bad(f"capability {_show(choice.name)} is selected twice; select each capability once")
         seen.add(choice.name)

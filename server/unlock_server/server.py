@@ -21,12 +21,12 @@ def _raise_exit(signum: int, _frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-def build_engine(args: Namespace) -> Any:
+def build_engine(args: Namespace, max_strength: float | None = None) -> Any:
     """The steering engine: vLLM's engine config from the flags plus the plugin's, checked before start."""
     from unlock_vllm import seams
 
     engine_args = seams.get("AsyncEngineArgs").from_cli_args(args)
-    plugin = engine_kwargs(args.steering_runner)
+    plugin = engine_kwargs(args.steering_runner, max_strength)
     if (
         engine_args.worker_extension_cls
         and engine_args.worker_extension_cls != plugin["worker_extension_cls"]
@@ -52,7 +52,7 @@ def build_engine(args: Namespace) -> Any:
 async def serve(args: Namespace, settings: Settings, on_start: Any = None) -> None:
     import uvicorn
 
-    engine = build_engine(args)
+    engine = build_engine(args, settings.max_strength)
     try:
         app = await create_app(engine, args, settings, on_start)
         config = uvicorn.Config(

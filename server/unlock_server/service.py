@@ -38,19 +38,33 @@ class ModelShape:
 class Applied:
     entry: Entry
     strength: float
+    positions: str  # the tokens it edits: the capability's own, or the request's override
 
     @property
     def label(self) -> str:
-        return f"{self.entry.name}@{self.strength:g}"
+        label = f"{self.entry.name}@{self.strength:g}"
+        return label if self.positions == default_positions(self.entry) else f"{label}:{self.positions}"
+
+    @property
+    def wire(self) -> tuple[str, float, str, str]:
+        """This term of the request's wire selection (`unlock_vllm.request`)."""
+        return (self.entry.sha256, self.strength, self.entry.mode, self.positions)
 
 
-def _validate(data: bytes, shape: ModelShape) -> Any:
-    """Parse and check an artifact; a 400 that quotes the library's reason otherwise."""
-    from unlock import ArtifactError, Capability
+def default_positions(entry: Entry) -> str:
+    from unlock.ops import OPERATORS
+
+    return entry.metadata.get("positions") or OPERATORS[entry.mode].default_positions
+
+
+def _validate(data: bytes, shape: ModelShape, max_strength: float) -> Any:
+    """Parse and check an artifact with the one validator (the CLI's and the workers'); a 400 that quotes
+    its reason otherwise."""
+    from unlock import ArtifactError, Capability, Limits
 
     try:
         capability = Capability.from_bytes(data)
-        capability.check_target(shape.num_layers, shape.hidden_size)
+        capability.validate(shape.num_layers, shape.hidden_size, Limits(max_strength=max_strength))
     except ArtifactError as err:
         raise APIError(400, f"invalid capability artifact: {err}", param="body") from None
     return capability
@@ -156,7 +170,9 @@ class CapabilityService:
             changed = True
             try:
                 if entry.sha256 not in self._loaded:  # loaded means it was validated against this model
-                    _validate(self.registry.blob_path(entry.sha256).read_bytes(), self.shape)
+                    _validate(
+                        self.registry.blob_path(entry.sha256).read_bytes(), self.shape, self.max_strength
+                    )
                     await self._ensure_loaded(entry.sha256)
                 self._unavailable.pop(name, None)
             except (APIError, EngineRPCError, OSError) as err:
@@ -232,7 +248,7 @@ class CapabilityService:
                 staged.path.unlink(missing_ok=True)
 
     async def _admit(self, staged: Staged, name: str | None, replace: bool) -> tuple[dict, bool]:
-        capability = _validate(staged.path.read_bytes(), self.shape)
+        capability = _validate(staged.path.read_bytes(), self.shape, self.max_strength)
         name = check_name(name or capability.name)
         async with self._lock:
             # Judge "unchanged" and 409 on the manifest as it is now, not on this replica's last poll.
@@ -253,7 +269,9 @@ class CapabilityService:
                 await self._retire(staged.sha256)
                 await asyncio.to_thread(self.registry.release, staged.sha256)
                 if isinstance(err, EngineRPCError):
-                    raise APIError(500, f"the engine refused capability {name!r}: {err}") from None
+                    # The workers validate with one more fact (the model dtype); a full registry is state.
+                    status = {"invalid": 400, "full": 409}.get(err.kind, 500)
+                    raise APIError(status, f"the engine refused capability {name!r}: {err}") from None
                 raise
             self._unavailable.pop(name, None)
             await self._apply(manifest)
@@ -306,6 +324,14 @@ class CapabilityService:
                 f"capabilities apply to the served model {self.shape.served_names[0]!r}, not {base_model!r}",
                 param=PARAM,
             )
+        from unlock_vllm.request import MAX_SELECTED
+
+        if len(choices) > MAX_SELECTED:
+            raise APIError(
+                400,
+                f"{len(choices)} capabilities selected; a request may select at most {MAX_SELECTED}",
+                param=PARAM,
+            )
         applied = []
         for choice in choices:
             entry = self._view.get(choice.name)
@@ -319,7 +345,7 @@ class CapabilityService:
                     param=PARAM,
                 )
             strength = entry.default_strength if choice.strength is None else choice.strength
-            applied.append(Applied(entry, strength))
+            applied.append(Applied(entry, strength, choice.positions or default_positions(entry)))
         return applied
 
     def acquire(self, applied: list[Applied]) -> None:

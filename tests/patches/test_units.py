@@ -74,6 +74,8 @@ def test_engine_kwargs():
     assert kwargs["worker_extension_cls"] == "unlock_vllm.worker.UnlockWorkerExtension"
     assert kwargs["additional_config"]["unlock"]["max_capabilities"] == 3
     assert kwargs["additional_config"]["unlock"]["model_runner"] == "v1"
+    assert kwargs["additional_config"]["unlock"]["max_strength"] == 10.0
+    assert engine_kwargs(max_strength=20)["additional_config"]["unlock"]["max_strength"] == 20.0
     assert engine_kwargs(model_runner="v2")["additional_config"]["unlock"]["model_runner"] == "v2"
     with pytest.raises(ValueError, match="max_capabilities"):
         engine_kwargs(max_capabilities=0)
@@ -128,7 +130,9 @@ def test_registry_validates_and_writes_the_table_once(tmp_path):
         registry.register(*_artifact(tmp_path, "loud", "add", [0], strength=1e12))
     with pytest.raises(ArtifactError, match="would steer by up to"):
         registry.register(*_artifact(tmp_path, "huge", "add", [0], scale=1e37))
-    registry.register(*_artifact(tmp_path, "loud", "add", [0], strength=15), max_strength=20)
+    lenient = Registry(capacity=2, num_layers=LAYERS, hidden_size=HIDDEN, max_strength=20)  # the server's limit
+    lenient.register(*_artifact(tmp_path, "loud", "add", [0], strength=15))
+    registry.register(*_artifact(tmp_path, "second", "add", [0], seed=2))
     with pytest.raises(RegistryFull, match="max_capabilities"):
         registry.register(*_artifact(tmp_path, "third", "add", [0], seed=3))
 
