@@ -61,8 +61,9 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def start(self) -> ServerProcess:
-        self.port = free_port()
+    def start(self, port: int | None = None) -> ServerProcess:
+        """Start on `port` (a restart behind a balancer keeps its port), else on a free one."""
+        self.port = port or free_port()
         log = self.log_path.open("a")
         self.proc = subprocess.Popen(
             [*self.command, *self.args, "--host", "127.0.0.1", "--port", str(self.port)],

@@ -1,0 +1,458 @@
+"""Two `unlock-serve` replicas on one registry behind nginx, under a bounded mixed load, with one replica
+killed (SIGKILL) and restarted in the middle (issue 12). Prints and saves what happened:
+
+- requests by outcome: status code, and for 5xx whether the request was in flight on the killed replica;
+- steered and unsteered outputs compared with a single server's (the reference is replica A alone after the
+  run, each content registered under a name of its own): a steered answer must equal the output of a content
+  its name held at some point while the request ran (give or take the poll interval);
+- propagation delay of every upload, replace and delete made through the balancer: from its response until
+  both replicas, asked directly, reflect it (p50, p99, max), and each replica's own histogram;
+- the end state: both replicas list the same registry, equal to what the admin's successful writes left, with
+  nothing lost and no blob left over.
+
+The replicas run the tiny random-weight test model (eager), each vLLM CPU engine on its own core
+(`VLLM_CPU_OMP_THREADS_BIND`), nginx from Debian's packages (`apt-get install nginx`).
+
+  .venv/bin/python bench/scaleout/lb.py [--backend file|postgres] [--duration 150] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(REPO / "tests"), str(REPO)]
+from serve_harness import ServerProcess, capability_bytes, free_port, tiny_server  # noqa: E402
+from tiny_models import TARGET, make_model  # noqa: E402
+
+ADMIN_KEY = "lb-admin"
+POLL_S = 1.0
+PROMPTS = [
+    "Question: A train travels 60 miles in 2 hours. What is its speed?\nAnswer:",
+    "Question: Tom has 3 apples and buys 5 more. How many apples does he have?\nAnswer:",
+    "The capital of France is",
+    "Once upon a time, in a small village,",
+]
+NAMES = [f"cap{i}" for i in range(5)]
+STRENGTH = 3.0  # random directions in a random model: strong enough to change the greedy tokens
+NGINX_CONF = """
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log;
+events {{ worker_connections 512; }}
+http {{
+  access_log {dir}/nginx-access.log;
+  upstream unlock {{
+    server 127.0.0.1:{a} max_fails=1 fail_timeout=2s;
+    server 127.0.0.1:{b} max_fails=1 fail_timeout=2s;
+    keepalive 32;
+  }}
+  server {{
+    listen 127.0.0.1:{port};
+    client_max_body_size 64m;
+    location / {{
+      proxy_pass http://unlock;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_read_timeout 300s;
+      proxy_buffering off;
+      # A request the replica failed (refused, reset, died) goes to the other one, POSTs too: unlock-serve's
+      # POSTs are safe to repeat (a completion changes nothing; an upload of the same content is a no-op).
+      proxy_next_upstream error timeout non_idempotent;
+      add_header X-Upstream $upstream_addr always;
+    }}
+  }}
+}}
+"""
+
+
+@dataclass
+class Request:
+    kind: str  # "plain" or "steered"
+    name: str | None
+    prompt: int
+    start: float
+    end: float = 0.0
+    status: int = 0
+    upstream: str = ""
+    text: str | None = None
+    error: str = ""
+
+
+@dataclass
+class Write:
+    op: str  # upload | replace | delete
+    name: str
+    sha256: str | None  # content after the write (None: deleted)
+    start: float
+    end: float = 0.0
+    status: int = 0
+    propagation: float | None = None  # until both replicas reflect it
+    response: str = ""
+
+
+@dataclass
+class Run:
+    requests: list[Request] = field(default_factory=list)
+    writes: list[Write] = field(default_factory=list)
+    kill_at: float = 0.0
+    restarted_at: float = 0.0
+    down: set[int] = field(default_factory=set)  # indices of replicas killed and not yet back
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+def content(name: str, version: int) -> bytes:
+    return capability_bytes(name, seed=1000 * NAMES.index(name) + version, strength=STRENGTH)
+
+
+def sha_of(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def holds(server: ServerProcess, name: str) -> str | None:
+    """The sha256 `server` offers for `name` (ready), None when it does not; raises while it is down."""
+    r = httpx.get(f"{server.url}/v1/capabilities/{name}", headers=headers(), timeout=10)
+    if r.status_code == 404:
+        return None
+    r.raise_for_status()
+    body = r.json()
+    return body["sha256"] if body["status"] == "ready" else None
+
+
+def client_loop(lb: str, run: Run, stop: threading.Event, seed: int) -> None:
+    rng = random.Random(seed)
+    with httpx.Client(base_url=lb, timeout=120, headers=headers()) as client:
+        while not stop.is_set():
+            steered = rng.random() < 0.7
+            req = Request("steered" if steered else "plain", rng.choice(NAMES) if steered else None,
+                          rng.randrange(len(PROMPTS)), time.monotonic())  # fmt: skip
+            body = {"model": "tiny", "prompt": PROMPTS[req.prompt], "max_tokens": 12, "temperature": 0}
+            if steered:
+                body["capabilities"] = [req.name]
+            try:
+                r = client.post("/v1/completions", json=body)
+                req.status, req.upstream = r.status_code, r.headers.get("x-upstream", "")
+                if r.status_code == 200:
+                    req.text = r.json()["choices"][0]["text"]
+                else:
+                    req.error = r.text[:300]
+            except httpx.HTTPError as err:
+                req.status, req.error = -1, f"{type(err).__name__}: {err}"
+            req.end = time.monotonic()
+            with run.lock:
+                run.requests.append(req)
+
+
+def admin_loop(lb: str, replicas: list[ServerProcess], run: Run, stop: threading.Event, seed: int) -> None:
+    """Uploads, replaces and deletes through the balancer; after each, waits until every replica that is up
+    reflects it (a replica that is down gets everything when it starts: the end state checks it)."""
+    rng = random.Random(seed)
+    versions = dict.fromkeys(NAMES, 0)
+    present: dict[str, str] = {}
+    with httpx.Client(base_url=lb, timeout=120, headers=headers()) as client:
+        while not stop.is_set():
+            name = rng.choice(NAMES)
+            if name in present and rng.random() < 0.35:
+                write = Write("delete", name, None, time.monotonic())
+                r = client.delete(f"/v1/capabilities/{name}")
+            else:
+                versions[name] += 1
+                data = content(name, versions[name])
+                op = "replace" if name in present else "upload"
+                write = Write(op, name, sha_of(data), time.monotonic())
+                r = client.post("/v1/capabilities", content=data, params={"replace": "true"})
+            write.status, write.end = r.status_code, time.monotonic()
+            ok = r.status_code in (200, 201)
+            write.response = r.headers.get("x-upstream", "") if ok else r.text[:300]
+            if r.status_code in (200, 201):
+                present.pop(name, None) if write.sha256 is None else present.__setitem__(name, write.sha256)
+                write.propagation = wait_reflected(replicas, run.down, name, write.sha256, write.end)
+            with run.lock:
+                run.writes.append(write)
+            time.sleep(rng.uniform(0.2, 1.0))
+
+
+def wait_reflected(
+    replicas: list[ServerProcess], down: set[int], name: str, sha: str | None, since: float
+) -> float | None:
+    deadline = since + 60
+    while time.monotonic() < deadline:
+        up = [s for i, s in enumerate(replicas) if i not in down]
+        try:
+            if all(holds(s, name) == sha for s in up):
+                return time.monotonic() - since
+        except httpx.HTTPError:
+            pass  # killed just now
+        time.sleep(0.05)
+    return None
+
+
+def nginx(work: Path, a: int, b: int) -> tuple[subprocess.Popen, str]:
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(binary).exists():
+        raise SystemExit("nginx is not installed: apt-get install nginx")
+    port = free_port()
+    (work / "nginx.conf").write_text(NGINX_CONF.format(dir=work, a=a, b=b, port=port))
+    proc = subprocess.Popen([binary, "-p", str(work), "-c", str(work / "nginx.conf"), "-g", "daemon off;"])
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            httpx.get(url + "/health", timeout=2)
+            return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise SystemExit("nginx did not start; see nginx-error.log")
+
+
+def references(server: ServerProcess, shas: dict[str, bytes]) -> tuple[dict[tuple[str, int], str], list[str]]:
+    """Outputs of one server alone: per (sha256, prompt) under a name of its own, and unsteered per prompt."""
+
+    def complete(prompt: int, name: str | None = None) -> str:
+        body = {"model": "tiny", "prompt": PROMPTS[prompt], "max_tokens": 12, "temperature": 0}
+        if name:
+            body["capabilities"] = [name]
+        r = httpx.post(f"{server.url}/v1/completions", json=body, headers=headers(), timeout=120)
+        r.raise_for_status()
+        return r.json()["choices"][0]["text"]
+
+    out = {}
+    for sha, data in shas.items():
+        name = f"ref-{sha[:12]}"
+        r = httpx.post(f"{server.url}/v1/capabilities", content=data, params={"name": name},
+                       headers=headers(), timeout=120)  # fmt: skip
+        assert r.status_code in (200, 201), r.text
+        for p in range(len(PROMPTS)):
+            out[(sha, p)] = complete(p, name)
+        httpx.delete(f"{server.url}/v1/capabilities/{name}", headers=headers(), timeout=60)
+    return out, [complete(p) for p in range(len(PROMPTS))]
+
+
+def held_during(writes: list[Write], name: str, start: float, end: float) -> set[str | None]:
+    """What `name` may have held for a request that ran in [start, end]: contents, and None when absent.
+
+    A write takes effect on the replica that makes it at some moment between its request and its response,
+    and on the other replica up to a poll interval plus a registration later (slack). So the state a write
+    leaves may be seen from its request's start until the next write's response plus the slack.
+    """
+    slack = POLL_S + 2.0
+    timeline = sorted((w.start, w.end, w.sha256) for w in writes if w.name == name and w.status in (200, 201))
+    states = [(None, -math.inf)] + [(sha, began) for began, _, sha in timeline]
+    until = [ended + slack for _, ended, _ in timeline] + [math.inf]
+    return {sha for (sha, since), last in zip(states, until, strict=True) if since <= end and last >= start}
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def report(run: Run, refs: dict, plain_refs: list[str], killed_port: str, final: dict, args) -> dict:
+    codes: dict[str, int] = {}
+    in_flight_on_killed = other_5xx = 0
+    mismatches, wrong_refusals, checked, refused_unknown = [], [], 0, 0
+    for r in run.requests:
+        codes[str(r.status)] = codes.get(str(r.status), 0) + 1
+        if r.status >= 500 or r.status == -1:
+            if r.upstream.endswith(killed_port) and r.start <= run.kill_at <= r.end:
+                in_flight_on_killed += 1
+            else:
+                other_5xx += 1
+        if r.status == 400 and "unknown capability" in r.error:
+            refused_unknown += 1
+            if None not in held_during(run.writes, r.name, r.start, r.end):
+                wrong_refusals.append(asdict(r))  # the name held content the whole time
+        if r.status != 200:
+            continue
+        checked += 1
+        if r.kind == "plain":
+            if r.text != plain_refs[r.prompt]:
+                mismatches.append(asdict(r))
+        else:
+            held = held_during(run.writes, r.name, r.start, r.end) - {None}
+            allowed = {refs[(sha, r.prompt)] for sha in held}
+            if r.text not in allowed:
+                mismatches.append({**asdict(r), "allowed": sorted(allowed)})
+    # Writes made while b was down reached only a; b's restart registered them (checked by the end state).
+    both_up = lambda w: not (run.kill_at <= w.end <= run.restarted_at)  # noqa: E731
+    delays = [w.propagation for w in run.writes if w.propagation is not None and both_up(w)]
+    unpropagated = [asdict(w) for w in run.writes if w.status in (200, 201) and w.propagation is None]
+    return {
+        "backend": args.backend,
+        "duration_s": args.duration,
+        "clients": args.clients,
+        "requests": len(run.requests),
+        "by_status": dict(sorted(codes.items())),
+        "5xx_in_flight_on_killed_replica": in_flight_on_killed,
+        "5xx_other": other_5xx,
+        "refused_unknown_capability": refused_unknown,
+        "refused_while_registered": len(wrong_refusals),
+        "wrong_refusal_examples": wrong_refusals[:5],
+        "outputs_checked": checked,
+        "output_mismatches": len(mismatches),
+        "mismatch_examples": mismatches[:5],
+        "writes": {op: sum(w.op == op for w in run.writes) for op in ("upload", "replace", "delete")},
+        "write_status": {
+            str(s): sum(w.status == s for w in run.writes) for s in sorted({w.status for w in run.writes})
+        },
+        "writes_while_b_was_down": sum(not both_up(w) for w in run.writes),
+        "propagation_s": {
+            "n": len(delays),
+            "p50": round(statistics.median(delays), 3) if delays else None,
+            "p99": round(quantile(delays, 0.99), 3) if delays else None,
+            "max": round(max(delays), 3) if delays else None,
+        },
+        "writes_never_reflected": unpropagated,
+        "kill_at_s": round(run.kill_at - run.requests[0].start, 1) if run.requests else None,
+        "restart_took_s": round(run.restarted_at - run.kill_at, 1),
+        **final,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", choices=("file", "postgres"), default="file")
+    p.add_argument("--duration", type=float, default=150, help="seconds of load (the kill is at a third)")
+    p.add_argument("--clients", type=int, default=6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "scaleout" / "results")
+    args = p.parse_args()
+    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    work = Path(tempfile.mkdtemp(prefix="unlock-lb-"))
+    model = make_model(TARGET, work / "model")
+    registry = work / "registry"
+    extra = ["--admin-key", ADMIN_KEY, "--registry-poll-interval", str(POLL_S)]
+    with _registry_backend(args.backend) as url:
+        if url:
+            extra += ["--registry-url", url]
+
+        def replica(label: str, core: str) -> ServerProcess:
+            env = {"VLLM_CPU_OMP_THREADS_BIND": core}
+            return tiny_server(model, registry, work / f"{label}.log", *extra, env=env)
+
+        a, b = replica("a", "0"), replica("b", "1")
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda s: s.start(), (a, b)))
+        proxy, lb = nginx(work, a.port, b.port)
+        run, stop = Run(), threading.Event()
+        threads = [threading.Thread(target=client_loop, args=(lb, run, stop, args.seed + i))
+                   for i in range(args.clients)]  # fmt: skip
+        threads.append(threading.Thread(target=admin_loop, args=(lb, [a, b], run, stop, args.seed)))
+        started = time.monotonic()
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(args.duration / 3)
+            run.kill_at = time.monotonic()
+            killed_port = str(b.port)
+            run.down.add(1)
+            os.killpg(b.proc.pid, signal.SIGKILL)
+            b.proc.wait()
+            b.start(port=b.port)  # the same port: nginx's upstream list names it
+            run.restarted_at = time.monotonic()
+            run.down.discard(1)
+            time.sleep(max(0.0, started + args.duration - time.monotonic()))
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        time.sleep(2 * POLL_S + 1)
+        list_a, list_b = (_listing(s) for s in (a, b))
+        expected = {}
+        for w in run.writes:
+            if w.status in (200, 201):
+                expected.pop(w.name, None) if w.sha256 is None else expected.__setitem__(w.name, w.sha256)
+        blobs = sorted(p.stem for p in (registry / "blobs").iterdir())
+        final = {
+            "replicas_agree": list_a == list_b,
+            "entries_expected": len(expected),
+            "entries_lost": sorted(set(expected.items()) - {(n, s) for n, s, _ in list_a}),
+            "entries_unexpected": sorted({(n, s) for n, s, _ in list_a} - set(expected.items())),
+            "not_ready": [n for n, _, status in list_a + list_b if status != "ready"],
+            "blobs_left_over": sorted(set(blobs) - set(expected.values())),
+            "propagation_histograms": {label: _histogram(s) for label, s in (("a", a), ("b (restarted)", b))},
+        }
+        proxy.terminate()
+        proxy.wait()
+        b.stop()
+        shas = {w.sha256: content(w.name, _version_of(w, run.writes)) for w in run.writes if w.sha256}
+        refs, plain_refs = references(a, shas)
+        a.stop()
+    result = report(run, refs, plain_refs, killed_port, final, args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"lb-{args.backend}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    events = [{"event": "write", **asdict(w)} for w in run.writes]
+    events += [{"event": "kill", "at": run.kill_at}, {"event": "restarted", "at": run.restarted_at}]
+    with (args.out / f"lb-{args.backend}-events.jsonl").open("w") as f:
+        f.writelines(json.dumps(e) + "\n" for e in sorted(events, key=lambda e: e.get("end", e.get("at"))))
+    print(json.dumps({k: v for k, v in result.items() if k != "mismatch_examples"}, indent=1))
+    print("wrote", path)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _version_of(write: Write, writes: list[Write]) -> int:
+    """Which version of its name's content a write uploaded (versions count per name from 1)."""
+    uploads = [w for w in writes if w.name == write.name and w.sha256 is not None]
+    return uploads.index(write) + 1
+
+
+def _listing(server: ServerProcess) -> list[tuple[str, str, str]]:
+    data = httpx.get(f"{server.url}/v1/capabilities", headers=headers(), timeout=30).json()["data"]
+    return [(c["name"], c["sha256"], c["status"]) for c in data]
+
+
+def _histogram(server: ServerProcess) -> dict[str, float]:
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("unlock_registry_propagation_seconds_") and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            if key.endswith(("_count", "_sum")):
+                out[key.rsplit("_", 1)[1]] = float(value)
+    return out
+
+
+class _registry_backend:
+    """A throwaway PostgreSQL server for --backend postgres (tests/postgres_server.py), else nothing."""
+
+    def __init__(self, backend: str):
+        self.backend, self.context = backend, None
+
+    def __enter__(self) -> str | None:
+        if self.backend == "file":
+            return None
+        from postgres_server import fresh_database, postgres_server
+
+        self.context = postgres_server()
+        return fresh_database(self.context.__enter__())
+
+    def __exit__(self, *exc) -> None:
+        if self.context is not None:
+            self.context.__exit__(*exc)
+
+
+if __name__ == "__main__":
+    main()
