@@ -5,11 +5,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="cpu"
 for e in "$@"; do extras="$extras,$e"; done
-# The tests start real servers from Debian's packages (PostgreSQL for the registry's database backend):
-# install the ones missing when the test extra is asked for (as root, or through sudo).
+# The tests start real programs from Debian's packages (PostgreSQL for the registry's database backend,
+# headless Chromium and its driver for the playground's browser test): install the ones missing when the
+# test extra is asked for (as root, or through sudo).
 if [[ ",$extras," == *",test,"* ]]; then
   missing=()
   compgen -G "/usr/lib/postgresql/*/bin/initdb" > /dev/null || missing+=(postgresql)
+  { command -v chromium && command -v chromedriver; } > /dev/null || missing+=(chromium chromium-driver)
   if [ ${#missing[@]} -gt 0 ]; then
     sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
     $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" > /dev/null

@@ -1,11 +1,39 @@
-"""Shared fixtures: the tiny source and target models of `tiny_models.py`, built once per test session."""
+"""Shared fixtures (the tiny source and target models of `tiny_models.py`, built once per test session) and
+the `engine` marker with its guard (`engine_guard.py`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import engine_guard
 import pytest
 from tiny_models import SOURCE, TARGET, make_model
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if engine_guard.is_engine_test(item.nodeid):
+            item.add_marker(pytest.mark.engine)
+
+
+# Tests not marked `engine` run guarded from their first fixture to their last: launching vLLM fails them.
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("engine") is None:
+        engine_guard.install(item.nodeid)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    result = yield
+    if item.get_closest_marker("engine") is None:
+        engine_guard.check_no_engine_core(item.nodeid)
+    return result
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item):
+    engine_guard.uninstall()
 
 
 def pytest_addoption(parser):

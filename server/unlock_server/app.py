@@ -1,4 +1,5 @@
-"""The app factory: vLLM's OpenAI app (`build_app` + `init_app_state`) with our routes and middleware."""
+"""The app factory: vLLM's OpenAI app (`build_app` + `init_app_state`) with our routes and middleware
+(`install`, which the in-process tests apply to a fake engine's app)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,16 @@ from typing import Any
 from fastapi import FastAPI, Request
 from starlette.routing import BaseRoute
 
+from .auth import AuthMiddleware
 from .coordination import coordination_for
 from .engine import Workers
 from .errors import APIError
 from .limits import ConcurrencyLimitMiddleware
 from .metrics import Metrics
-from .middleware import AuthMiddleware, SelectionMiddleware
+from .middleware import SelectionMiddleware
+from .playground import router as playground_router
 from .registry import Registry
-from .routes import router
+from .routes import UPLOAD_PATH, router
 from .service import CapabilityService, ModelShape
 from .settings import Settings
 
@@ -66,15 +69,28 @@ async def create_app(
         settings.max_strength,
         settings.registry_poll_interval,
     )
+    return install(app, service, settings, on_start)
+
+
+def install(
+    app: FastAPI,
+    service: CapabilityService,
+    settings: Settings,
+    on_start: Callable[[CapabilityService], Any] | None = None,
+) -> FastAPI:
+    """unlock-serve's parts on an app that serves the OpenAI routes: vLLM's (`create_app`), or a fake
+    engine's in the in-process tests. Routes, the error shape, the registry's lifespan and the middleware."""
     app.state.unlock_service = service
+    app.state.unlock_settings = settings
     _drop_routes(app.router.routes, REPLACED_PATHS)
     app.include_router(router)
+    app.include_router(playground_router)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, err: APIError):
         return err.response()
 
-    vllm_lifespan = app.router.lifespan_context
+    outer_lifespan = app.router.lifespan_context
 
     @asynccontextmanager
     async def lifespan(app_: FastAPI) -> AsyncIterator[None]:
@@ -82,7 +98,7 @@ async def create_app(
         if on_start is not None:
             await on_start(service)
         try:
-            async with vllm_lifespan(app_):
+            async with outer_lifespan(app_):
                 yield
         finally:
             await service.stop()
@@ -92,7 +108,7 @@ async def create_app(
     # first request. Added last = outermost: auth runs before the body is read or rewritten, and the
     # concurrency limit answers 429 before a body is read.
     app.middleware_stack = None
-    app.add_middleware(SelectionMiddleware, service=service)
+    app.add_middleware(SelectionMiddleware, service=service, exempt=frozenset({UPLOAD_PATH}))
     app.add_middleware(ConcurrencyLimitMiddleware, limit=settings.max_concurrent_requests)
     app.add_middleware(AuthMiddleware, settings=settings)
     return app

@@ -11,6 +11,17 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from unlock_vllm.request import EXTRA_ARGS_KEY
+
+__all__ = [
+    "EXTRA_ARGS_KEY",  # the key of `vllm_xargs` that carries the wire selection, defined by the plugin
+    "EngineRPCError",
+    "Workers",
+    "check_engine_config",
+    "encode_selection",
+    "engine_kwargs",
+]
+
 logger = logging.getLogger(__name__)
 
 
@@ -41,13 +52,10 @@ def check_engine_config(vllm_config: Any) -> None:
 
 
 def encode_selection(items: Sequence[tuple[str, float, str]]) -> str:
-    """[(sha256, strength, mode), ...] into the `vllm_xargs["unlock"]` string the workers decode."""
+    """[(sha256, strength, mode), ...] into the `vllm_xargs[EXTRA_ARGS_KEY]` string the workers decode."""
     from unlock_vllm.request import encode_selection as encode
 
     return encode(list(items))
-
-
-XARGS_KEY = "unlock"
 
 
 class Workers:

@@ -9,8 +9,8 @@ from __future__ import annotations
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import APIError
+from .middleware import STEERING_ROUTES
 
-GENERATION_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
 RETRY_AFTER_S = 1
 
 
@@ -27,7 +27,7 @@ class ConcurrencyLimitMiddleware:
             self.limit is None
             or scope["type"] != "http"
             or scope["method"] != "POST"
-            or scope["path"] not in GENERATION_ROUTES
+            or scope["path"] not in STEERING_ROUTES
         ):
             return await self.app(scope, receive, send)
         if self.in_flight >= self.limit:

@@ -1,4 +1,10 @@
-"""ASGI middleware: API-key auth, and capability selection rewritten into vLLM's request body.
+"""ASGI middleware: capability selection, rewritten into vLLM's request body on the steering routes and
+refused on every other route.
+
+The guard is an allowlist: `capabilities` and `vllm_xargs.unlock` are taken on `STEERING_ROUTES` only and
+refused with 400 on any other route with a body, whatever routes a vLLM release adds. A hand-written wire
+selection would skip the strength limit and the in-flight tracking that keeps a deleted capability
+registered.
 
 Pure ASGI (not BaseHTTPMiddleware) so streamed responses pass through untouched, and so the in-flight
 count of a streamed request lasts until its last chunk is sent.
@@ -6,74 +12,27 @@ count of a streamed request lasts until its last chunk is sent.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
+from collections.abc import Iterable
 from typing import Any
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .engine import XARGS_KEY, encode_selection
+from .engine import EXTRA_ARGS_KEY, encode_selection
 from .errors import APIError
 from .selection import PARAM, check_unique, parse_field, parse_model_suffix, split_model
 from .service import Applied, CapabilityService
-from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
-INFERENCE_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
-# vLLM's other routes that take `vllm_xargs`: no steering there, and the wire selection may not be smuggled in
-# (it would skip the strength limit and the in-flight tracking that keeps a deleted capability registered).
-UNSTEERED_ROUTES = frozenset(
-    {"/invocations", "/v1/chat/completions/batch", "/v1/responses", "/v1/messages", "/generative_scoring"}
-)
+# The routes that apply capabilities; the concurrency limit counts the same ones.
+STEERING_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
 HEADER = b"x-unlock-capabilities"
-WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-
-
-def _is_public(path: str) -> bool:
-    # Liveness and scraping must work without secrets; everything else is guarded.
-    return path == "/health" or path == "/metrics" or path.startswith("/metrics/")
-
-
-def _presented_key(scope: Scope) -> str | None:
-    for name, value in scope["headers"]:
-        if name == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
-        elif name == b"x-api-key" and value:
-            return value.decode("latin-1")
-    return None
-
-
-class AuthMiddleware:
-    """401 when a needed key is missing, 403 when it is wrong. The admin key opens every route."""
-
-    def __init__(self, app: ASGIApp, settings: Settings):
-        self.app = app
-        self.settings = settings
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or _is_public(scope["path"]):
-            return await self.app(scope, receive, send)
-        is_write = scope["path"].startswith("/v1/capabilities") and scope["method"] in WRITE_METHODS
-        needed = self.settings.write_key if is_write else self.settings.api_key
-        if needed is None:
-            return await self.app(scope, receive, send)
-        presented = _presented_key(scope)
-        if presented is None:
-            error = APIError(401, "missing API key: send 'Authorization: Bearer <key>'")
-        elif any(
-            hmac.compare_digest(presented.encode(), k.encode())
-            for k in (needed, self.settings.admin_key)
-            if k
-        ):
-            return await self.app(scope, receive, send)
-        else:
-            kind = "admin key" if is_write else "API key"
-            error = APIError(403, f"wrong {kind} for {scope['method']} {scope['path']}")
-        await error.response()(scope, receive, send)
+XARGS = "vllm_xargs"
+BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 
 async def _read_body(receive: Receive) -> bytes:
@@ -88,74 +47,131 @@ async def _read_body(receive: Receive) -> bytes:
     return b"".join(chunks)
 
 
-class SelectionMiddleware:
-    """Resolves `capabilities` / `<model>+name@s` on the two generation routes and rewrites the body into
-    `vllm_xargs: {"unlock": ...}` with the plain served model name, before vLLM's handler parses it."""
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that hands out `body` once, then what the client sends next (disconnect notices)."""
+    sent = False
 
-    def __init__(self, app: ASGIApp, service: CapabilityService):
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def parse_json(body: bytes) -> Any:
+    """The body as JSON; None when it is not JSON (the route answers that in its own words)."""
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+    except RecursionError:  # json's decoder recurses per nesting level: answer it here, not with a 500
+        raise APIError(400, "request body is not valid JSON: it is nested too deeply") from None
+
+
+def has_wire_key(xargs: Any) -> bool:
+    """Whether `vllm_xargs` holds the wire selection, as an object or as the JSON string form routes send."""
+    if isinstance(xargs, str):
+        try:
+            xargs = json.loads(xargs)
+        except (ValueError, RecursionError):
+            return False
+    return isinstance(xargs, dict) and EXTRA_ARGS_KEY in xargs
+
+
+def reserved_key_error() -> APIError:
+    return APIError(
+        400,
+        f"{XARGS}.{EXTRA_ARGS_KEY} is reserved; select capabilities with the 'capabilities' field or a "
+        "'<model>+<name>' model name",
+        param=XARGS,
+    )
+
+
+def check_unsteered(path: str, fields: Iterable[tuple[str, Any]]) -> None:
+    """400 when a route that does not steer is sent a selection, in the body field or in the wire key."""
+    for key, value in fields:
+        if key == PARAM:
+            raise APIError(
+                400,
+                f"{path} does not apply capabilities; send 'capabilities' to "
+                f"{' or '.join(sorted(STEERING_ROUTES))}",
+                param=PARAM,
+            )
+        if key == XARGS and has_wire_key(value):
+            raise reserved_key_error()
+
+
+async def _form_items(scope: Scope, body: bytes, receive: Receive) -> list[tuple[str, Any]]:
+    """The fields of a form body (form routes take `vllm_xargs` as a JSON string); none if unparseable,
+    since the route's own parser (the same Starlette one) then refuses it too."""
+    request = Request(scope, _replay(body, receive))
+    try:
+        form = await request.form()
+    except Exception:  # a malformed form: the route itself answers it
+        return []
+    items = [(key, value) for key, value in form.multi_items() if isinstance(value, str)]
+    await form.close()
+    return items
+
+
+class SelectionMiddleware:
+    """On the steering routes: resolves `capabilities` / `<model>+name@s` and rewrites the body into
+    `vllm_xargs: {"unlock": ...}` with the plain served model name, before vLLM's handler parses it. On every
+    other route with a body: refuses a selection. `exempt` paths are our own routes whose body is not a
+    request to the engine (the artifact upload): streamed untouched, so its size limit acts as it arrives."""
+
+    def __init__(self, app: ASGIApp, service: CapabilityService, exempt: frozenset[str] = frozenset()):
         self.app = app
         self.service = service
+        self.exempt = exempt
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
-            return await self.app(scope, receive, send)
-        if scope["path"] in UNSTEERED_ROUTES:
-            return await self._unsteered(scope, receive, send)
-        if scope["path"] not in INFERENCE_ROUTES:
+        if scope["type"] != "http" or scope["method"] in BODYLESS_METHODS or scope["path"] in self.exempt:
             return await self.app(scope, receive, send)
         body = await _read_body(receive)
+        steering = scope["method"] == "POST" and scope["path"] in STEERING_ROUTES
         try:
-            payload = json.loads(body)
-        except ValueError:
-            payload = None  # vLLM answers malformed JSON in its own words
-        had_field = isinstance(payload, dict) and PARAM in payload
-        model = payload.get("model") if isinstance(payload, dict) else None  # as asked, before the rewrite
-        try:
-            applied = self._rewrite(payload) if isinstance(payload, dict) else []
+            if steering:
+                body, applied = self._steer(scope["path"], body)
+            else:
+                await self._guard(scope, body, receive)
         except APIError as err:
             self.service.metrics.refusals.inc()
             logger.info("%s refused: %s", scope["path"], err.message)
             return await err.response()(scope, receive, send)
-        if applied or had_field:
-            body = json.dumps(payload).encode()
-        label = ",".join(a.label for a in applied)
-        logger.info(
-            "%s model=%s capabilities=%s",
-            scope["path"],
-            model,
-            label or "none",
-        )
-        await self._forward(scope, receive, send, body, applied, label)
+        headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+        scope = {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
+        if not steering:
+            return await self.app(scope, _replay(body, receive), send)
+        await self._forward(scope, _replay(body, receive), send, applied)
 
-    async def _unsteered(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = await _read_body(receive)
-        try:
-            payload = json.loads(body)
-        except ValueError:
-            payload = None
-        payload = payload if isinstance(payload, dict) else {}
-        xargs = payload.get("vllm_xargs")
-        if PARAM in payload or (isinstance(xargs, dict) and XARGS_KEY in xargs):
-            self.service.metrics.refusals.inc()
-            error = APIError(
-                400,
-                f"{scope['path']} does not apply capabilities; send 'capabilities' to "
-                "/v1/chat/completions or /v1/completions",
-                param=PARAM,
-            )
-            return await error.response()(scope, receive, send)
-        await self._forward(scope, receive, send, body, [], "")
+    async def _guard(self, scope: Scope, body: bytes, receive: Receive) -> None:
+        content_type = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1").lower()
+        if content_type.startswith(FORM_TYPES):
+            return check_unsteered(scope["path"], await _form_items(scope, body, receive))
+        # Any other body is read as JSON whatever its content type says: some routes parse it themselves.
+        payload = parse_json(body)
+        if isinstance(payload, dict):
+            check_unsteered(scope["path"], payload.items())
+
+    def _steer(self, path: str, body: bytes) -> tuple[bytes, list[Applied]]:
+        payload = parse_json(body)
+        if not isinstance(payload, dict):
+            return body, []  # vLLM answers a body that is not a JSON object in its own words
+        had_field = PARAM in payload
+        model = payload.get("model")  # as asked, before the rewrite
+        applied = self._rewrite(payload)
+        logger.info("%s model=%s capabilities=%s", path, model, ",".join(a.label for a in applied) or "none")
+        return (json.dumps(payload).encode() if applied or had_field else body), applied
 
     def _rewrite(self, payload: dict[str, Any]) -> list[Applied]:
         """Mutates `payload`: drops `capabilities`, strips the model suffix, adds the wire selection."""
-        xargs = payload.get("vllm_xargs")
-        if isinstance(xargs, dict) and XARGS_KEY in xargs:
-            raise APIError(
-                400,
-                f"vllm_xargs.{XARGS_KEY} is reserved; select capabilities with the "
-                "'capabilities' field or a '<model>+<name>' model name",
-                param="vllm_xargs",
-            )
+        xargs = payload.get(XARGS)
+        if has_wire_key(xargs):
+            raise reserved_key_error()
         model = payload.get("model")
         field = payload.pop(PARAM, None)
         choices = parse_field(field, self.service.max_strength)
@@ -171,34 +187,23 @@ class SelectionMiddleware:
         applied = self.service.resolve(str(base), choices)
         payload["model"] = base
         selection = sorted(a.wire for a in applied)  # (sha256, strength, mode, positions)
-        payload["vllm_xargs"] = {
+        payload[XARGS] = {
             **(xargs if isinstance(xargs, dict) else {}),
-            XARGS_KEY: encode_selection(selection),
+            EXTRA_ARGS_KEY: encode_selection(selection),
         }
         return applied
 
-    async def _forward(
-        self, scope: Scope, receive: Receive, send: Send, body: bytes, applied: list[Applied], label: str
-    ) -> None:
-        headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
-        headers.append((b"content-length", str(len(body)).encode()))
-        scope = {**scope, "headers": headers}
-        sent = False
-
-        async def replay() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # after the body: disconnect notices, as the client sends them
+    async def _forward(self, scope: Scope, receive: Receive, send: Send, applied: list[Applied]) -> None:
+        """Counts the request in flight until its last byte, and echoes the selection in a header."""
+        label = ",".join(a.label for a in applied).encode()
 
         async def send_with_header(message: Message) -> None:
             if message["type"] == "http.response.start" and label:
-                message = {**message, "headers": [*message.get("headers", []), (HEADER, label.encode())]}
+                message = {**message, "headers": [*message.get("headers", []), (HEADER, label)]}
             await send(message)
 
         self.service.acquire(applied)
         try:
-            await self.app(scope, replay, send_with_header)
+            await self.app(scope, receive, send_with_header)
         finally:
             self.service.release(applied)

@@ -1,15 +1,24 @@
-"""Thin routers: capability CRUD, /health with the plugin's status, /v1/models with capability entries."""
+"""Thin routers: capability CRUD (writes need the admin key, declared per route), /health with the plugin's
+status, /v1/models with capability entries."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
+from .auth import require_admin
 from .service import CapabilityService
+from .summary import layer_summary
+
+logger = logging.getLogger(__name__)
 
 router = APIRouter()
+UPLOAD_PATH = "/v1/capabilities"  # its body is an artifact streamed to the registry, not a generation request
+ADMIN = [Depends(require_admin)]
 
 
 def get_service(request: Request) -> CapabilityService:
@@ -19,7 +28,7 @@ def get_service(request: Request) -> CapabilityService:
 Service = Annotated[CapabilityService, Depends(get_service)]
 
 
-@router.post("/v1/capabilities")
+@router.post(UPLOAD_PATH, dependencies=ADMIN)
 async def upload_capability(
     request: Request,
     service: Service,
@@ -39,10 +48,20 @@ async def list_capabilities(service: Service) -> dict[str, Any]:
 
 @router.get("/v1/capabilities/{name}")
 async def show_capability(name: str, service: Service) -> dict[str, Any]:
-    return service.get(name)
+    """The capability plus `per_layer`: each steered layer's direction norm, source layer and held-out
+    alignment error (null when the blob cannot be read, e.g. deleted meanwhile)."""
+    body = service.get(name)
+    try:
+        path = service.registry.blob_path(body["sha256"])
+        rows = await asyncio.to_thread(layer_summary, path, body["sha256"])
+        body["per_layer"] = list(rows)
+    except Exception as err:  # a summary is a view: its failure must not hide the capability itself
+        logger.warning("no per-layer summary for %r: %s", name, err)
+        body["per_layer"] = None
+    return body
 
 
-@router.delete("/v1/capabilities/{name}")
+@router.delete("/v1/capabilities/{name}", dependencies=ADMIN)
 async def delete_capability(name: str, service: Service) -> dict[str, Any]:
     return await service.delete(name)
 
