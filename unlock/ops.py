@@ -173,43 +173,54 @@ def steer_hidden(
     once): the CPU kernel and the HF reference run it as is; the Triton kernel computes the same per token.
     """
     num_tokens = hidden.shape[0]
-    out = hidden.clone()
     row = token_row[:num_tokens]
     tokens = row.nonzero().squeeze(-1)  # [n]
     if tokens.numel() == 0:
-        return out
+        return hidden.clone()
     used, inverse = row[tokens].unique(return_inverse=True)  # [U], [n]: each row composed once
     caps = term_cap[used]  # [U, J]
     weight = term_strength[used].float() * gate[caps].float()  # [U, J]; 0 where nothing is steered
     op = term_op[used]  # [U, J]
     w_ablate, w_add, w_rotate = (torch.where(op == o.code, weight, 0.0) for o in (ABLATE, ADD, ROTATE))
+    edited_rows = (w_ablate != 0).any(-1) | (w_add != 0).any(-1)  # [U]
+    rotated_rows = (w_rotate != 0).any(-1)  # [U]
+    if not (edited_rows.any() or rotated_rows.any()):
+        return hidden.clone()
+    every = tokens.numel() == num_tokens  # the usual `add` step: no gather and scatter of the batch
     vectors = dirs.float()
-    h = hidden[tokens].float()  # [n, d]
-    res = None if residual is None else residual[tokens].float()
-    stream = h if res is None else h + res
+    h = (hidden if every else hidden[tokens]).float()  # [n, d]
+    res = None if residual is None else (residual if every else residual[tokens]).float()
 
-    edit = torch.zeros_like(h)  # [n, d]
-    for j in range(caps.shape[1]):  # ablate: coefficients from the incoming stream, one column at a time
-        if w_ablate[:, j].any():
-            unit = vectors[caps[inverse, j]]  # [n, d]
-            edit -= (w_ablate[inverse, j] * (stream * unit).sum(-1)).unsqueeze(-1) * unit
-    add_rows = h.new_zeros(len(used), h.shape[1])  # [U, d]
-    rot_rows = h.new_zeros(len(used), h.shape[1])
-    for j in range(caps.shape[1]):
-        if w_add[:, j].any():
-            add_rows += w_add[:, j, None] * vectors[caps[:, j]]
-        if w_rotate[:, j].any():
-            rot_rows += w_rotate[:, j, None] * vectors[caps[:, j]]
-    edited = ((w_ablate != 0) | (w_add != 0)).any(-1)[inverse].unsqueeze(-1)  # [n, 1]
-    h = torch.where(edited, h + (edit + add_rows[inverse]), h)
+    if edited_rows.any():
+        add_rows = h.new_zeros(len(used), h.shape[1])  # [U, d]
+        for j in range(caps.shape[1]):
+            if w_add[:, j].any():
+                add_rows += w_add[:, j, None] * vectors[caps[:, j]]
+        edit = add_rows[inverse]  # [n, d]
+        stream = h if res is None else h + res
+        for j in range(caps.shape[1]):  # ablate: coefficients from the incoming stream, one column at a time
+            if w_ablate[:, j].any():
+                unit = vectors[caps[inverse, j]]  # [n, d]
+                edit -= (w_ablate[inverse, j] * (stream * unit).sum(-1)).unsqueeze(-1) * unit
+        h = torch.where(edited_rows[inverse].unsqueeze(-1), h + edit, h)
 
-    rotated = (w_rotate != 0).any(-1)[inverse].unsqueeze(-1)  # [n, 1]
-    stream = h if res is None else h + res
-    norm = stream.norm(dim=-1, keepdim=True)  # [n, 1]
-    u = stream / norm.clamp_min(1e-30) + rot_rows[inverse]
-    turned = norm * u / u.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-    if res is not None:
-        turned = turned - res
-    h = torch.where(rotated, turned, h)
-    out[tokens] = torch.where(edited | rotated, h.to(hidden.dtype), hidden[tokens])
+    if rotated_rows.any():
+        rot_rows = h.new_zeros(len(used), h.shape[1])  # [U, d]
+        for j in range(caps.shape[1]):
+            if w_rotate[:, j].any():
+                rot_rows += w_rotate[:, j, None] * vectors[caps[:, j]]
+        stream = h if res is None else h + res
+        norm = stream.norm(dim=-1, keepdim=True)  # [n, 1]
+        u = stream / norm.clamp_min(1e-30) + rot_rows[inverse]
+        turned = norm * u / u.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+        if res is not None:
+            turned = turned - res
+        h = torch.where(rotated_rows[inverse].unsqueeze(-1), turned, h)
+
+    touched = (edited_rows | rotated_rows)[inverse].unsqueeze(-1)  # [n, 1]
+    if every and bool(touched.all()):
+        return h.to(hidden.dtype)
+    out = hidden.clone()
+    steered = hidden if every else hidden[tokens]
+    out[tokens] = torch.where(touched, h.to(hidden.dtype), steered)
     return out

@@ -4,15 +4,17 @@ Self-contained on purpose (torch + Triton only; our two files loaded by path), s
 machine without vLLM or transformers:
   (a) registers `steer_triton` as the CUDA kernel of a torch custom op `unlock::steer` with a fake impl, the
       way `unlock_vllm.steer_op` does;
-  (b) checks it against `unlock.ops.steer_hidden` (float32 and bfloat16, with and without a residual): rotated
-      rows within tolerance (also against a float64 reference), add-only rows bit-identical to the reference,
-      untouched rows bit-identical to the input;
+  (b) checks it against `unlock.ops.steer_hidden` (float32 and bfloat16, with and without a residual) on term
+      rows mixing every operator (add, rotate, ablate): steered rows within tolerance (also against the
+      equations in float64), untouched rows (row 0, a capability gated off the layer) bit-identical to the
+      input, a -0.0 included;
   (c) runs the op inside a torch.compile'd toy decoder layer (Qwen2.5-7B shapes: the four projections as
-      matmuls, RMSNorm, SiLU gate; attention left out) and under CUDA-graph capture; writes new indices and
-      inputs in place between replays and checks replay == eager;
-  (e) the host-to-device staging of the per-step indices with the host running ahead of the GPU (as under
-      asynchronous scheduling): the stream is stalled, several steps are written and uploaded, and each
-      step's consumer must read its own indices; a single staging buffer is run too, to show the race exists;
+      matmuls, RMSNorm, SiLU gate; attention left out) and under CUDA-graph capture; writes new per-token
+      rows, a term row and inputs in place between replays and checks replay == eager;
+  (e) the host-to-device staging of a step's rows with the host running ahead of the GPU (as under
+      asynchronous scheduling): the stream is stalled, several steps are written and uploaded (per-token rows
+      and a term row an admission changed), and each step's consumer must read its own; a single staging
+      buffer is run too, to show the race exists;
   (d) times, per steered layer with CUDA graphs, at T = 1, 8, 64, 512, 8192 tokens: the kernel alone, the
       torch-ops reference, and the toy layer without and with the op.
 
@@ -32,6 +34,7 @@ import time
 import traceback
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,7 +42,9 @@ TOKEN_COUNTS = (1, 8, 64, 512, 8192)
 # Qwen2.5-7B: hidden 3584, 28 query heads and 4 KV heads of 128, MLP 18944.
 QWEN7B = {"hidden": 3584, "q": 28 * 128, "kv": 4 * 128, "intermediate": 18944}
 TINY = {"hidden": 96, "q": 96, "kv": 32, "intermediate": 192}
-NUM_ROWS = 9  # table rows, row 0 = "not steered"
+NUM_CAPS = 8  # capability rows, row 0 zero, the last gated off (it does not steer the layer)
+NUM_ROWS = 9  # term rows, row 0 = "not steered" (make_tables lists them)
+TERMS = 8  # terms per row: unlock_vllm.request.MAX_SELECTED
 TIME_BUDGET_S = 200  # timings stop (and say so) past this, so the whole run stays under 4 minutes
 
 
@@ -61,16 +66,18 @@ staging = load_by_path("unlock_staging", REPO / "patches" / "unlock_vllm" / "sta
 def steer(
     hidden: torch.Tensor,
     residual: torch.Tensor | None,
-    add_table: torch.Tensor,
-    rot_table: torch.Tensor,
-    add_index: torch.Tensor,
-    rot_index: torch.Tensor,
+    dirs: torch.Tensor,
+    gate: torch.Tensor,
+    term_cap: torch.Tensor,
+    term_strength: torch.Tensor,
+    term_op: torch.Tensor,
+    token_row: torch.Tensor,
 ) -> torch.Tensor:
-    return ops.steer_hidden(hidden, residual, add_table, rot_table, add_index, rot_index)
+    return ops.steer_hidden(hidden, residual, dirs, gate, term_cap, term_strength, term_op, token_row)
 
 
 @steer.register_fake
-def _steer_fake(hidden, residual, add_table, rot_table, add_index, rot_index):
+def _steer_fake(hidden, residual, dirs, gate, term_cap, term_strength, term_op, token_row):
     return torch.empty_like(hidden)
 
 
@@ -99,38 +106,65 @@ class Report:
         return [c["name"] for c in self.checks if not c["ok"]]
 
 
-def make_tables(hidden_size: int, device, generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 [NUM_ROWS, d] tables like compose_rows makes: add rows raw, rotate rows a * unit, row 0 = 0."""
-    add = torch.randn(NUM_ROWS, hidden_size, generator=generator) * 0.05
-    rot = torch.randn(NUM_ROWS, hidden_size, generator=generator)
-    rot = rot / rot.norm(dim=-1, keepdim=True) * torch.linspace(0.05, 0.8, NUM_ROWS).unsqueeze(-1)
-    add[0] = 0
-    rot[0] = 0
-    return add.to(device), rot.to(device)
+def make_tables(hidden_size: int, device, dtype, generator) -> tuple[torch.Tensor, ...]:
+    """A layer's tables as the plugin builds them (`unlock.ops`): NUM_CAPS capability rows (row 0 zero,
+    the last one gated off: a capability that does not steer this layer), unit rows for rotate/ablate;
+    NUM_ROWS term rows, each a mix of up to TERMS (capability, strength, operator) terms.
+
+    Term rows by kind: 1..3 add only, 4..5 rotate (+ add), 6..7 ablate (+ add), 8 every operator."""
+    raw = torch.randn(NUM_CAPS, hidden_size, generator=generator)
+    raw[0] = 0
+    unit = raw / raw.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    dirs = raw * 0.05  # add rows, raw
+    rotate_caps, ablate_caps = (1, 2, 3), (4, 5)
+    dirs[list(rotate_caps + ablate_caps)] = unit[list(rotate_caps + ablate_caps)]
+    gate = torch.ones(NUM_CAPS)
+    gate[0] = gate[NUM_CAPS - 1] = 0
+    add, rot, abl = ops.ADD.code, ops.ROTATE.code, ops.ABLATE.code
+    rows = [
+        [],
+        [(6, 1.0, add)],
+        [(6, 0.5, add), (7, -1.0, add)],
+        [(NUM_CAPS - 1, 1.0, add)],  # gated off: such tokens are copied
+        [(1, 0.3, rot)],
+        [(2, 0.8, rot), (3, -0.2, rot), (6, 1.0, add)],
+        [(4, 1.0, abl)],
+        [(4, 0.5, abl), (5, 1.0, abl), (7, 2.0, add)],
+        [(5, 0.7, abl), (6, 1.0, add), (1, 0.4, rot), (3, 0.1, rot)],
+    ]
+    term_cap = torch.zeros(NUM_ROWS, TERMS, dtype=torch.int64)
+    term_strength = torch.zeros(NUM_ROWS, TERMS)
+    term_op = torch.zeros(NUM_ROWS, TERMS, dtype=torch.int64)
+    for r, terms in enumerate(rows):
+        for j, (cap, strength, op) in enumerate(terms):
+            term_cap[r, j], term_strength[r, j], term_op[r, j] = cap, strength, op
+    return (dirs.to(device, dtype), gate.to(device), term_cap.to(device), term_strength.to(device),
+            term_op.to(device))  # fmt: skip
 
 
-def make_indices(num_tokens: int, pattern: str, device, generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """int64 index buffers longer than T (the tail is junk the op must ignore), for a steering pattern.
+def make_rows(num_tokens: int, pattern: str, device, generator) -> torch.Tensor:
+    """The int64 per-token term rows, longer than T (the tail is junk the op must ignore).
 
-    none: nothing steered; add: every token gets an add row; mixed: random add rows (some 0) and every 8th
-    token rotated (a batch of requests at their last prompt token); rotate_all: every token rotated.
+    none: nothing steered; add: every token an add-only row; mixed: random rows (some 0) with every 8th
+    token a rotate row (a batch of requests at their last prompt token); rotate_all: every token rotated;
+    ablate_all: every token ablated.
     """
     length = num_tokens + 13
-    add = torch.randint(0, NUM_ROWS, (length,), generator=generator)
-    rot = torch.zeros(length, dtype=torch.int64)
     if pattern == "none":
-        add.zero_()
+        rows = torch.zeros(length, dtype=torch.int64)
     elif pattern == "add":
-        add = torch.arange(length) % (NUM_ROWS - 1) + 1
+        rows = torch.arange(length) % 2 + 1
     elif pattern == "mixed":
-        rot[::8] = torch.randint(1, NUM_ROWS, (len(rot[::8]),), generator=generator)
+        rows = torch.randint(0, 4, (length,), generator=generator)
+        rows[::8] = torch.randint(4, NUM_ROWS, (len(rows[::8]),), generator=generator)
     elif pattern == "rotate_all":
-        rot = torch.randint(1, NUM_ROWS, (length,), generator=generator)
+        rows = torch.randint(4, 6, (length,), generator=generator)
+    elif pattern == "ablate_all":
+        rows = torch.randint(6, 8, (length,), generator=generator)
     else:
         raise ValueError(f"unknown pattern {pattern!r}")
-    add[num_tokens:] = NUM_ROWS - 1  # junk past T: steering it would show up as a mismatch
-    rot[num_tokens:] = NUM_ROWS - 1
-    return add.to(device), rot.to(device)
+    rows[num_tokens:] = NUM_ROWS - 1  # junk past T: steering it would show up as a mismatch
+    return rows.to(device)
 
 
 def bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -138,71 +172,78 @@ def bits(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view({2: torch.int16, 4: torch.int32}[tensor.element_size()])
 
 
-def exact_steer(hidden, residual, add_table, rot_table, add_index, rot_index) -> torch.Tensor:
-    """DESIGN's equations in float64 with no intermediate rounding: an independent reading of steer_hidden.
+def exact_steer(hidden, residual, dirs, gate, term_cap, term_strength, term_op, token_row) -> torch.Tensor:
+    """The equations of `unlock.ops` in float64 with no intermediate rounding, token by token: an
+    independent reading of steer_hidden (which computes in float32 whatever its inputs)."""
+    out = hidden.double().clone()
+    for t in range(hidden.shape[0]):
+        row = int(token_row[t])
+        terms = [
+            (int(op), float(a) * float(gate[c]), dirs[c].double())
+            for c, a, op in zip(term_cap[row], term_strength[row], term_op[row], strict=True)
+            if int(c) > 0 and float(a) * float(gate[c]) != 0
+        ]
+        if not terms:
+            continue
+        res = 0 if residual is None else residual[t].double()
+        h = hidden[t].double()
+        s0 = h + res
+        for op, a, r in terms:
+            if op == ops.ABLATE.code:
+                h = h - a * (s0 @ r) * r
+            elif op == ops.ADD.code:
+                h = h + a * r
+        rot = [a * r for op, a, r in terms if op == ops.ROTATE.code]
+        if rot:
+            s = h + res
+            u = s / s.norm() + sum(rot)
+            h = s.norm() * u / u.norm() - res
+        out[t] = h
+    return out
 
-    (steer_hidden itself computes in float32 whatever its inputs, so it cannot serve as the exact answer.)
-    """
-    num_tokens = hidden.shape[0]
-    res = 0 if residual is None else residual.double()
-    added = hidden.double() + add_table[add_index[:num_tokens]].to(hidden.dtype).double()  # [T, d]
-    stream = added + res
-    norm = stream.norm(dim=-1, keepdim=True)  # [T, 1]
-    u = stream / norm + rot_table[rot_index[:num_tokens]].double()
-    rotated = norm * u / u.norm(dim=-1, keepdim=True) - res
-    return torch.where((rot_index[:num_tokens] > 0).unsqueeze(-1), rotated, added)
 
-
-def check_kernel(
-    report: Report, impl, device, dtypes, token_counts, hidden_sizes, signed_zeros: bool
-) -> None:
-    """(b): `impl` (the op) against steer_hidden in the same dtype and against float64 math.
-
-    signed_zeros puts -0.0 into every row: the kernel copies untouched rows bit for bit, while the reference
-    adds the zero row (-0.0 + 0.0 = +0.0, value-equal but not bit-equal), so the dry run leaves them out.
-    """
+def check_kernel(report: Report, impl, device, dtypes, token_counts, hidden_sizes) -> None:
+    """(b): `impl` (the op) against steer_hidden in the same dtype and against float64 math; tokens with no
+    live term (row 0, or a gated-off capability) come back bit for bit, a -0.0 included."""
     generator = torch.Generator().manual_seed(0)
     tolerance = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2}  # relative to the row's largest |value|
     for dtype in dtypes:
         for hidden_size in hidden_sizes:
             for num_tokens in token_counts:
                 for with_residual in (True, False):
-                    add_table, rot_table = make_tables(hidden_size, device, generator)
-                    add_index, rot_index = make_indices(num_tokens, "mixed", device, generator)
-                    rot_index[: min(3, num_tokens)] = 1  # rotated rows even when T is 1
-                    add_index[1:num_tokens:5] = 0  # rotated rows without an add row, too
+                    tables = make_tables(hidden_size, device, dtype, generator)
+                    token_row = make_rows(num_tokens, "mixed", device, generator)
+                    token_row[: min(4, num_tokens)] = torch.tensor([4, 6, 8, 3][: min(4, num_tokens)])
                     hidden = torch.randn(num_tokens, hidden_size, generator=generator).to(device, dtype)
-                    if signed_zeros:
-                        hidden[:, 0] = -0.0  # must survive untouched rows
+                    hidden[:, 0] = -0.0  # must survive untouched rows
                     residual = (torch.randn(num_tokens, hidden_size, generator=generator) * 4).to(
                         device, dtype
                     )
                     residual = residual if with_residual else None
-                    args = (hidden, residual, add_table, rot_table, add_index, rot_index)
+                    args = (hidden, residual, *tables, token_row)
                     out = impl(*args)
                     ref = ops.steer_hidden(*args)
-                    exact = exact_steer(*args)
-                    rotated = rot_index[:num_tokens] > 0
-                    add_only = ~rotated & (add_index[:num_tokens] > 0)
-                    untouched = ~rotated & (add_index[:num_tokens] == 0)
+                    exact = exact_steer(*(a.cpu() if a is not None else None for a in args)).to(device)
+                    rows = token_row[:num_tokens]
+                    untouched = (rows == 0) | (rows == 3)
+                    steered = ~untouched
                     scale = ref.float().abs().amax(dim=-1, keepdim=True)
-                    err_ref = ((out.float() - ref.float()).abs() / scale)[rotated].max().item()
-                    err_exact = ((out.double() - exact).abs() / scale)[rotated].max().item()
-                    ref_err_exact = ((ref.double() - exact).abs() / scale)[rotated].max().item()
+                    err_ref = ((out.float() - ref.float()).abs() / scale)[steered].max().item()
+                    err_exact = ((out.double() - exact).abs() / scale)[steered].max().item()
+                    ref_err_exact = ((ref.double() - exact).abs() / scale)[steered].max().item()
                     ok = (
                         err_ref <= tolerance[dtype]
                         and err_exact <= max(2 * ref_err_exact, tolerance[dtype])
-                        and torch.equal(bits(out[add_only]), bits(ref[add_only]))
                         and torch.equal(bits(out[untouched]), bits(hidden[untouched]))
                         and out.dtype == hidden.dtype
                     )
                     report.check(
                         f"kernel {str(dtype)[6:]} d={hidden_size} T={num_tokens} residual={with_residual}",
                         ok,
-                        rotated_rel_err_vs_ref=err_ref,
-                        rotated_rel_err_vs_f64=err_exact,
+                        steered_rel_err_vs_ref=err_ref,
+                        steered_rel_err_vs_f64=err_exact,
                         ref_rel_err_vs_f64=ref_err_exact,
-                        add_only_rows=int(add_only.sum()),
+                        steered_rows=int(steered.sum()),
                         untouched_rows=int(untouched.sum()),
                     )
 
@@ -212,12 +253,12 @@ def check_reference(report: Report) -> None:
     generator = torch.Generator().manual_seed(1)
     for dtype in (torch.float32, torch.bfloat16):
         for with_residual in (True, False):
-            add_table, rot_table = make_tables(48, "cpu", generator)
-            add_index, rot_index = make_indices(11, "mixed", "cpu", generator)
-            rot_index[:3] = torch.tensor([2, 0, 5])
+            tables = make_tables(48, "cpu", dtype, generator)
+            token_row = make_rows(11, "mixed", "cpu", generator)
+            token_row[:4] = torch.tensor([8, 0, 5, 7])
             hidden = torch.randn(11, 48, generator=generator).to(dtype)
             residual = (torch.randn(11, 48, generator=generator) * 4).to(dtype) if with_residual else None
-            args = (hidden, residual, add_table, rot_table, add_index, rot_index)
+            args = (hidden, residual, *tables, token_row)
             ref = ops.steer_hidden(*args).double()
             err = ((ref - exact_steer(*args)).abs().max() / ref.abs().max()).item()
             report.check(
@@ -251,14 +292,14 @@ class ToyLayer(torch.nn.Module):
         x32 = x.float()
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
 
-    def forward(self, hidden, residual, add_table, rot_table, add_index, rot_index):
+    def forward(self, hidden, residual, *tables):
         residual = hidden + residual  # [T, d]
         attn = (self.rms_norm(residual) @ self.qkv)[:, : self.q]  # [T, q]
         residual = attn @ self.o + residual  # [T, d]
         gate, up = (self.rms_norm(residual) @ self.gate_up).chunk(2, dim=-1)  # 2 x [T, inter]
         hidden = (torch.nn.functional.silu(gate) * up) @ self.down  # [T, d]
         if self.steered:
-            hidden = torch.ops.unlock.steer(hidden, residual, add_table, rot_table, add_index, rot_index)
+            hidden = torch.ops.unlock.steer(hidden, residual, *tables)
         return hidden, residual
 
 
@@ -282,20 +323,17 @@ def check_graphs(report: Report, layers: dict, shapes: dict, dtype, device) -> N
     generator = torch.Generator().manual_seed(2)
     d = shapes["hidden"]
     for num_tokens in (1, 64):
-        add_table, rot_table = make_tables(d, device, generator)
-        add_index, rot_index = make_indices(num_tokens, "mixed", device, generator)
+        tables = make_tables(d, device, dtype, generator)
+        token_row = make_rows(num_tokens, "mixed", device, generator)
         hidden = torch.randn(num_tokens, d, device=device, dtype=dtype)
         residual = torch.randn(num_tokens, d, device=device, dtype=dtype) * 4
-        args = (hidden, residual, add_table, rot_table, add_index, rot_index)
+        args = (hidden, residual, *tables, token_row)
         layer_graph, (layer_out, _) = capture(lambda args=args: layers["compiled_steered"](*args))
         op_graph, op_out = capture(lambda args=args: steer(*args))
         for round_ in range(3):
             # New per-step data written in place, as the runner does before each forward.
-            new_add, new_rot = make_indices(
-                num_tokens, ("add", "mixed", "rotate_all")[round_], device, generator
-            )
-            add_index.copy_(new_add)
-            rot_index.copy_(new_rot)
+            token_row.copy_(make_rows(num_tokens, ("add", "mixed", "rotate_all")[round_], device, generator))
+            tables[3][1, 0] = 0.1 * (round_ + 1)  # a term row edited in place, as an admission does
             hidden.copy_(torch.randn(num_tokens, d, generator=generator).to(device, dtype))
             layer_graph.replay()
             op_graph.replay()
@@ -349,7 +387,7 @@ def time_all(
     """(d): the cost of one steered layer, kernel alone and inside the toy layer."""
     generator = torch.Generator().manual_seed(3)
     d = shapes["hidden"]
-    add_table, rot_table = make_tables(d, device, generator)
+    tables = make_tables(d, device, dtype, generator)
     for num_tokens in token_counts:
         if time.monotonic() > deadline:
             report.say(f"timing stopped before T={num_tokens}: past the {TIME_BUDGET_S} s budget")
@@ -358,12 +396,10 @@ def time_all(
         residual = torch.randn(num_tokens, d, device=device, dtype=dtype) * 4
         row = {"tokens": num_tokens}
         op_repeats = 20
-        for pattern in ("none", "add", "mixed", "rotate_all"):
-            add_index, rot_index = make_indices(num_tokens, pattern, device, generator)
-            args = (hidden, residual, add_table, rot_table, add_index, rot_index)
+        for pattern in ("none", "add", "mixed", "rotate_all", "ablate_all"):
+            args = (hidden, residual, *tables, make_rows(num_tokens, pattern, device, generator))
             row[f"kernel_{pattern}_us"] = measure_us(lambda args=args: steer(*args), device, op_repeats, 10)
-        add_index, rot_index = make_indices(num_tokens, "mixed", device, generator)
-        args = (hidden, residual, add_table, rot_table, add_index, rot_index)
+        args = (hidden, residual, *tables, make_rows(num_tokens, "mixed", device, generator))
         row["torch_ops_mixed_us"] = measure_us(
             lambda args=args: ops.steer_hidden(*args), device, op_repeats, 10
         )
@@ -380,6 +416,7 @@ def time_all(
         report.say(
             f"{num_tokens:>6} {row['kernel_none_us']:>9.1f} {row['kernel_add_us']:>9.1f} "
             f"{row['kernel_mixed_us']:>9.1f} {row['kernel_rotate_all_us']:>9.1f} "
+            f"{row['kernel_ablate_all_us']:>9.1f} "
             f"{row['torch_ops_mixed_us']:>9.1f} "
             f"{plain:>10.1f} {row['layer_compiled_steered_us']:>10.1f} {row['layer_overhead_pct']:>8.2f}% "
             f"{row['kernel_mixed_pct_of_layer']:>7.2f}% {row['torch_ops_mixed_pct_of_layer']:>7.2f}%"
@@ -401,11 +438,10 @@ def check_compiled_cpu(report: Report, layers: dict, shapes: dict) -> None:
     """--dry-run: the op inside a compiled layer (CPU kernel = reference) gives the eager layer's output."""
     generator = torch.Generator().manual_seed(4)
     for num_tokens in (1, 5, 9):
-        add_table, rot_table = make_tables(shapes["hidden"], "cpu", generator)
-        add_index, rot_index = make_indices(num_tokens, "mixed", "cpu", generator)
+        tables = make_tables(shapes["hidden"], "cpu", torch.float32, generator)
         hidden = torch.randn(num_tokens, shapes["hidden"], generator=generator)
         residual = torch.randn(num_tokens, shapes["hidden"], generator=generator)
-        args = (hidden, residual, add_table, rot_table, add_index, rot_index)
+        args = (hidden, residual, *tables, make_rows(num_tokens, "mixed", "cpu", generator))
         compiled, _ = layers["compiled_steered"](*args)
         eager, _ = layers["eager_steered"](*args)
         err = (compiled - eager).abs().max().item()
@@ -413,41 +449,54 @@ def check_compiled_cpu(report: Report, layers: dict, shapes: dict) -> None:
 
 
 def check_staging(report: Report, device) -> None:
-    """(e) Steps written while the stream is stalled: each consumer reads the indices of its own step."""
-    size, steps = 4096, 8
-    want = torch.tensor([[k + 1, -(k + 1)] for k in range(steps)], device=device)
+    """(e) Steps written while the stream is stalled: each consumer reads its own step's per-token rows and
+    the term row its admission changed."""
+    size, steps, rows = 4096, 8, 16
+    want = torch.tensor([[k + 1, k + 1] for k in range(steps)], device=device)
+    token_row = torch.zeros(size, dtype=torch.int64, device=device)
+    terms = (
+        torch.zeros(rows, 4, dtype=torch.int64, device=device),
+        torch.zeros(rows, 4, dtype=torch.float32, device=device),
+        torch.zeros(rows, 4, dtype=torch.int64, device=device),
+    )
+    host_terms = (
+        np.zeros((rows, 4), np.int64),
+        np.zeros((rows, 4), np.float32),
+        np.zeros((rows, 4), np.int64),
+    )
 
-    def run(host_pair, upload) -> int:
+    def run(host, stage_rows, upload) -> int:
         """Wrong steps when the host writes `steps` steps ahead of a stalled GPU."""
         seen = torch.zeros(steps, 2, dtype=torch.int64, device=device)
         torch.cuda.synchronize()
         torch.cuda._sleep(200_000_000)  # the GPU is busy (~0.1 s) while the host lays out the steps
         for step in range(steps):
-            add_host, rot_host = host_pair()
-            add_host[:] = step + 1
-            rot_host[:] = -(step + 1)
+            host()[:] = step + 1
+            host_terms[1][1, 0] = step + 1  # an admission edits term row 1
+            stage_rows([1], host_terms)
             upload()
-            seen[step, 0] = add_index.sum() // size  # this step's consumer, in stream order
-            seen[step, 1] = rot_index.sum() // size
+            seen[step, 0] = token_row.sum() // size  # this step's consumer, in stream order
+            seen[step, 1] = terms[1][1, 0].to(torch.int64)
         torch.cuda.synchronize()
         return int((seen != want).any(-1).sum())
 
-    add_index = torch.zeros(size, dtype=torch.int64, device=device)
-    rot_index = torch.zeros(size, dtype=torch.int64, device=device)
-    ring = staging.Staging(add_index, rot_index)
-    wrong = run(ring.host, ring.upload)
-    report.check("staging: every step reads its own indices", wrong == 0, wrong_steps=wrong)
+    ring = staging.Staging(token_row, terms)
+    wrong = run(ring.host, ring.stage_rows, ring.upload)
+    report.check("staging: every step reads its own rows", wrong == 0, wrong_steps=wrong)
 
     # The same without the ring's events: one pinned buffer rewritten while its copies wait in the stream.
-    add_pinned = torch.zeros(size, dtype=torch.int64, pin_memory=True)
-    rot_pinned = torch.zeros(size, dtype=torch.int64, pin_memory=True)
+    pinned = torch.zeros(size, dtype=torch.int64, pin_memory=True)
+    pinned_terms = torch.zeros(rows, 4, dtype=torch.float32, pin_memory=True)
+
+    def stage_unguarded(changed, host) -> None:
+        pinned_terms.numpy()[changed] = host[1][changed]
 
     def upload_unguarded() -> None:
-        add_index.copy_(add_pinned, non_blocking=True)
-        rot_index.copy_(rot_pinned, non_blocking=True)
+        token_row.copy_(pinned, non_blocking=True)
+        terms[1].copy_(pinned_terms, non_blocking=True)
 
-    unguarded = run(lambda: (add_pinned.numpy(), rot_pinned.numpy()), upload_unguarded)
-    report.say(f"staging without events (one buffer): {unguarded}/{steps} steps read another step's indices")
+    unguarded = run(pinned.numpy, stage_unguarded, upload_unguarded)
+    report.say(f"staging without events (one buffer): {unguarded}/{steps} steps read another step's rows")
 
 
 def stage(report: Report, name: str, fn, *args) -> None:
@@ -502,7 +551,6 @@ def main() -> int:
                 (torch.float32, torch.bfloat16),
                 (1, 7),
                 (96, 100),
-                False,
             )
             layers = build_layers(shapes, dtype, device, compile_backend="aot_eager")
             stage(report, "compiled", check_compiled_cpu, report, layers, shapes)
@@ -518,7 +566,6 @@ def main() -> int:
                 (torch.float32, torch.bfloat16),
                 (1, 7, 300),
                 (3584, 896, 1000),
-                True,
             )
             layers = build_layers(shapes, dtype, device, compile_backend="inductor")
             stage(report, "graphs", check_graphs, report, layers, shapes, dtype, device)
@@ -526,8 +573,10 @@ def main() -> int:
             token_counts = TOKEN_COUNTS
         report.say(f"checks done at {time.monotonic() - started:.0f} s")
         report.say(
-            "\nmicroseconds per steered layer (CUDA-graph replay; kernel: none/add/mixed/rotate_all rows)\n"
-            f"{'T':>6} {'k_none':>9} {'k_add':>9} {'k_mixed':>9} {'k_rot_all':>9} {'torch_ops':>9} "
+            "\nmicroseconds per steered layer (CUDA-graph replay; kernel: term rows none, add, mixed, "
+            "rotate_all, ablate_all)\n"
+            f"{'T':>6} {'k_none':>9} {'k_add':>9} {'k_mixed':>9} {'k_rot_all':>9} {'k_abl_all':>9} "
+            f"{'torch_ops':>9} "
             f"{'layer':>10} {'layer+op':>10} {'overhead':>9} {'kernel%':>8} {'ops%':>8}"
         )
         stage(
