@@ -5,13 +5,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-Selection = Iterable[str] | Mapping[str, float | None]
+# The capabilities a request chooses, as a person writes them: names or NAME@STRENGTH specs, or a
+# {name: strength} mapping (None: the capability's default). The server parses the same into `Choice`s.
+Choices = Iterable[str] | Mapping[str, float | None]
 
 
-def _items(selection: Selection) -> list[tuple[str, float | None]]:
-    if isinstance(selection, Mapping):
-        return [(str(name), strength) for name, strength in selection.items()]
-    return [parse_spec(spec) for spec in selection]
+def _items(choices: Choices) -> list[tuple[str, float | None]]:
+    if isinstance(choices, Mapping):
+        return [(str(name), strength) for name, strength in choices.items()]
+    return [parse_spec(spec) for spec in choices]
 
 
 def parse_spec(spec: str) -> tuple[str, float | None]:
@@ -27,15 +29,15 @@ def parse_spec(spec: str) -> tuple[str, float | None]:
         raise ValueError(f"strength in {spec!r} is not a number; write NAME@0.15") from None
 
 
-def capabilities_extra_body(selection: Selection, **extra: Any) -> dict[str, Any]:
+def capabilities_extra_body(choices: Choices, **extra: Any) -> dict[str, Any]:
     """`extra_body` for `client.chat.completions.create(...)`: names (default strengths), `NAME@s`
     specs, or a {name: strength} mapping; `extra` adds other vLLM fields."""
-    items = _items(selection)
+    items = _items(choices)
     field: list[Any] = [name if s is None else {"name": name, "strength": s} for name, s in items]
     return {"capabilities": field, **extra}
 
 
-def model_with_capabilities(model: str, selection: Selection) -> str:
+def model_with_capabilities(model: str, choices: Choices) -> str:
     """The `<model>+name@s` form for clients that cannot send extra body fields."""
-    parts = [name if s is None else f"{name}@{s:g}" for name, s in _items(selection)]
+    parts = [name if s is None else f"{name}@{s:g}" for name, s in _items(choices)]
     return "+".join([model, *parts])

@@ -17,7 +17,7 @@ def _has_attention(module: nn.Module) -> bool:
     return any(isinstance(m, AttentionLayerBase) for m in module.modules())
 
 
-def find_decoder_layers(model: nn.Module) -> tuple[str, int, list[tuple[int, nn.Module]]]:
+def find_vllm_decoder_layers(model: nn.Module) -> tuple[str, int, list[tuple[int, nn.Module]]]:
     """Returns (list name, total layer count, [(global index, layer) held by this rank]).
 
     Raises ValueError when no list, or more than one outermost list, holds attention layers.

@@ -15,7 +15,7 @@ from typing import Any
 
 from unlock_vllm import seams
 from unlock_vllm.config import read_config
-from unlock_vllm.discovery import find_decoder_layers
+from unlock_vllm.discovery import find_vllm_decoder_layers
 from unlock_vllm.registry import Registry
 from unlock_vllm.state import SteeringState
 from unlock_vllm.steer_op import check_cuda_kernel
@@ -127,7 +127,7 @@ def install(runner: Any, vllm_config: Any) -> SteeringState | None:
     if old is not None:  # a reload: take the old hooks off first
         old.remove()
     model = runner.get_model()
-    list_name, num_layers, layers = find_decoder_layers(model)
+    list_name, num_layers, layers = find_vllm_decoder_layers(model)
     hidden_size = runner.model_config.get_hidden_size()
     compilation = runner.vllm_config.compilation_config
     max_tokens = max(runner.max_num_tokens, compilation.max_cudagraph_capture_size or 0)

@@ -130,7 +130,8 @@ def test_registry_validates_and_writes_the_table_once(tmp_path):
         registry.register(*_artifact(tmp_path, "loud", "add", [0], strength=1e12))
     with pytest.raises(ArtifactError, match="would steer by up to"):
         registry.register(*_artifact(tmp_path, "huge", "add", [0], scale=1e37))
-    lenient = Registry(capacity=2, num_layers=LAYERS, hidden_size=HIDDEN, max_strength=20)  # the server's limit
+    # the server's limit
+    lenient = Registry(capacity=2, num_layers=LAYERS, hidden_size=HIDDEN, max_strength=20)
     lenient.register(*_artifact(tmp_path, "loud", "add", [0], strength=15))
     registry.register(*_artifact(tmp_path, "second", "add", [0], seed=2))
     with pytest.raises(RegistryFull, match="max_capabilities"):
@@ -503,8 +504,8 @@ def test_triton_kernel_matches_the_reference_in_the_interpreter(tmp_path):
 # -- discovery ------------------------------------------------------------------------------------
 
 
-def test_find_decoder_layers_skips_pp_missing():
-    from unlock_vllm.discovery import find_decoder_layers
+def test_find_vllm_decoder_layers_skips_pp_missing():
+    from unlock_vllm.discovery import find_vllm_decoder_layers
     from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
     from vllm.model_executor.models.utils import PPMissingLayer
 
@@ -524,11 +525,11 @@ def test_find_decoder_layers_skips_pp_missing():
     model = nn.Module()
     model.model = nn.Module()
     model.model.layers = nn.ModuleList([PPMissingLayer(), Block(), Block()])
-    name, total, layers = find_decoder_layers(model)
+    name, total, layers = find_vllm_decoder_layers(model)
     assert (name, total, [i for i, _ in layers]) == ("model.layers", 3, [1, 2])
     model.other = nn.ModuleList([Block()])
     with pytest.raises(ValueError, match="exactly one"):
-        find_decoder_layers(model)
+        find_vllm_decoder_layers(model)
 
 
 # -- worker RPCs never raise ----------------------------------------------------------------------
