@@ -151,6 +151,23 @@ def token_classes(prompt_len: int, start: int, count: int) -> list[int]:
 
 
 # -- the reference math --------------------------------------------------------------------------------
+def _compose(weight: torch.Tensor, caps: torch.Tensor, vectors: torch.Tensor, inverse: torch.Tensor):
+    """sum_j weight[:, j] * vectors[caps[:, j]] for each token's term row, float32 [n, d].
+
+    Composed once per row and gathered when rows are shared; per token when most tokens have rows of their
+    own (nothing to share, and a gather fewer). Elementwise float32 either way, so the two agree bit for bit.
+    """
+    per_token = 2 * len(weight) > len(inverse)
+    if per_token:
+        weight, caps = weight[inverse], caps[inverse]
+    total = None
+    for j in range(caps.shape[1]):
+        if weight[:, j].any():
+            term = weight[:, j, None] * vectors[caps[:, j]]
+            total = term if total is None else total + term
+    return total if per_token else total[inverse]
+
+
 def steer_hidden(
     hidden: torch.Tensor,
     residual: torch.Tensor | None,
@@ -169,58 +186,54 @@ def steer_hidden(
     the result is rounded to the hidden's dtype once. A token whose row has no live term at this layer
     (strength 0, or no capability of it steers the layer) comes back bit for bit.
 
-    Data-dependent (it steers only the tokens that need it, and composes each term row used in this step
-    once): the CPU kernel and the HF reference run it as is; the Triton kernel computes the same per token.
+    Data-dependent (it steers only the tokens that need it, composes each shared term row once, and skips
+    operators with no live term): the CPU kernel and the HF reference run it as is; the Triton kernel
+    computes the same per token.
     """
     num_tokens = hidden.shape[0]
     row = token_row[:num_tokens]
     tokens = row.nonzero().squeeze(-1)  # [n]
     if tokens.numel() == 0:
         return hidden.clone()
-    used, inverse = row[tokens].unique(return_inverse=True)  # [U], [n]: each row composed once
+    used, inverse = row[tokens].unique(return_inverse=True)  # [U], [n]
     caps = term_cap[used]  # [U, J]
     weight = term_strength[used].float() * gate[caps].float()  # [U, J]; 0 where nothing is steered
     op = term_op[used]  # [U, J]
     w_ablate, w_add, w_rotate = (torch.where(op == o.code, weight, 0.0) for o in (ABLATE, ADD, ROTATE))
-    edited_rows = (w_ablate != 0).any(-1) | (w_add != 0).any(-1)  # [U]
-    rotated_rows = (w_rotate != 0).any(-1)  # [U]
-    if not (edited_rows.any() or rotated_rows.any()):
+    ablated, added, rotated = ((w != 0).any(-1) for w in (w_ablate, w_add, w_rotate))  # [U] each
+    edited = ablated | added
+    if not (edited.any() or rotated.any()):
         return hidden.clone()
     every = tokens.numel() == num_tokens  # the usual `add` step: no gather and scatter of the batch
     vectors = dirs.float()
     h = (hidden if every else hidden[tokens]).float()  # [n, d]
-    res = None if residual is None else (residual if every else residual[tokens]).float()
+    res = None
+    if residual is not None and (ablated.any() or rotated.any()):  # `add` alone never needs the stream
+        res = (residual if every else residual[tokens]).float()
 
-    if edited_rows.any():
-        add_rows = h.new_zeros(len(used), h.shape[1])  # [U, d]
-        for j in range(caps.shape[1]):
-            if w_add[:, j].any():
-                add_rows += w_add[:, j, None] * vectors[caps[:, j]]
-        edit = add_rows[inverse]  # [n, d]
-        stream = h if res is None else h + res
-        for j in range(caps.shape[1]):  # ablate: coefficients from the incoming stream, one column at a time
-            if w_ablate[:, j].any():
-                unit = vectors[caps[inverse, j]]  # [n, d]
-                edit -= (w_ablate[inverse, j] * (stream * unit).sum(-1)).unsqueeze(-1) * unit
-        h = torch.where(edited_rows[inverse].unsqueeze(-1), h + edit, h)
+    if edited.any():
+        edit = _compose(w_add, caps, vectors, inverse) if added.any() else torch.zeros_like(h)  # [n, d]
+        if ablated.any():
+            stream = h if res is None else h + res
+            for j in range(caps.shape[1]):  # coefficients from the incoming stream, one column at a time
+                if w_ablate[:, j].any():
+                    unit = vectors[caps[inverse, j]]  # [n, d]
+                    edit = edit - (w_ablate[inverse, j] * (stream * unit).sum(-1)).unsqueeze(-1) * unit
+        h = h + edit if bool(edited.all()) else torch.where(edited[inverse].unsqueeze(-1), h + edit, h)
 
-    if rotated_rows.any():
-        rot_rows = h.new_zeros(len(used), h.shape[1])  # [U, d]
-        for j in range(caps.shape[1]):
-            if w_rotate[:, j].any():
-                rot_rows += w_rotate[:, j, None] * vectors[caps[:, j]]
+    if rotated.any():
         stream = h if res is None else h + res
         norm = stream.norm(dim=-1, keepdim=True)  # [n, 1]
-        u = stream / norm.clamp_min(1e-30) + rot_rows[inverse]
+        u = stream / norm.clamp_min(1e-30) + _compose(w_rotate, caps, vectors, inverse)
         turned = norm * u / u.norm(dim=-1, keepdim=True).clamp_min(1e-30)
         if res is not None:
             turned = turned - res
-        h = torch.where(rotated_rows[inverse].unsqueeze(-1), turned, h)
+        h = turned if bool(rotated.all()) else torch.where(rotated[inverse].unsqueeze(-1), turned, h)
 
-    touched = (edited_rows | rotated_rows)[inverse].unsqueeze(-1)  # [n, 1]
+    touched = edited | rotated  # [U]
     if every and bool(touched.all()):
-        return h.to(hidden.dtype)
+        return h.to(hidden.dtype) if h.data_ptr() != hidden.data_ptr() else hidden.clone()
     out = hidden.clone()
     steered = hidden if every else hidden[tokens]
-    out[tokens] = torch.where(touched, h.to(hidden.dtype), steered)
+    out[tokens] = torch.where(touched[inverse].unsqueeze(-1), h.to(hidden.dtype), steered)
     return out
