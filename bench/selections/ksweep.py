@@ -21,7 +21,9 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import statistics
+import sys
 import tempfile
 import time
 import uuid
@@ -217,6 +219,8 @@ def main() -> None:
     if 0 not in args.ks or 1 not in args.ks:
         parser.error("--ks must include 0 and 1 (the baselines the ratios are taken to)")
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    # SIGTERM as SystemExit, so that `finally` shuts the engine-core child down instead of orphaning it.
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     result = asyncio.run(run(args))
     summary = summarize(result["runs"], args)
     record = {"args": {k: v for k, v in vars(args).items() if k != "out"}, **result, "summary": summary}
