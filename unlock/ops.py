@@ -151,8 +151,8 @@ def token_classes(prompt_len: int, start: int, count: int) -> list[int]:
 
 
 # -- the reference math --------------------------------------------------------------------------------
-def _compose(weight: torch.Tensor, caps: torch.Tensor, vectors: torch.Tensor, inverse: torch.Tensor):
-    """sum_j weight[:, j] * vectors[caps[:, j]] for each token's term row, float32 [n, d].
+def _compose(weight: torch.Tensor, caps: torch.Tensor, dirs: torch.Tensor, inverse: torch.Tensor):
+    """sum_j weight[:, j] * dirs[caps[:, j]] for each token's term row, float32 [n, d].
 
     Composed once per row and gathered when rows are shared; per token when most tokens have rows of their
     own (nothing to share, and a gather fewer). Elementwise float32 either way, so the two agree bit for bit.
@@ -163,7 +163,7 @@ def _compose(weight: torch.Tensor, caps: torch.Tensor, vectors: torch.Tensor, in
     total = None
     for j in range(caps.shape[1]):
         if weight[:, j].any():
-            term = weight[:, j, None] * vectors[caps[:, j]]
+            term = weight[:, j, None] * dirs[caps[:, j]].float()
             total = term if total is None else total + term
     return total if per_token else total[inverse]
 
@@ -205,26 +205,25 @@ def steer_hidden(
     if not (edited.any() or rotated.any()):
         return hidden.clone()
     every = tokens.numel() == num_tokens  # the usual `add` step: no gather and scatter of the batch
-    vectors = dirs.float()
     h = (hidden if every else hidden[tokens]).float()  # [n, d]
     res = None
     if residual is not None and (ablated.any() or rotated.any()):  # `add` alone never needs the stream
         res = (residual if every else residual[tokens]).float()
 
     if edited.any():
-        edit = _compose(w_add, caps, vectors, inverse) if added.any() else torch.zeros_like(h)  # [n, d]
+        edit = _compose(w_add, caps, dirs, inverse) if added.any() else torch.zeros_like(h)  # [n, d]
         if ablated.any():
             stream = h if res is None else h + res
             for j in range(caps.shape[1]):  # coefficients from the incoming stream, one column at a time
                 if w_ablate[:, j].any():
-                    unit = vectors[caps[inverse, j]]  # [n, d]
+                    unit = dirs[caps[inverse, j]].float()  # [n, d]
                     edit = edit - (w_ablate[inverse, j] * (stream * unit).sum(-1)).unsqueeze(-1) * unit
         h = h + edit if bool(edited.all()) else torch.where(edited[inverse].unsqueeze(-1), h + edit, h)
 
     if rotated.any():
         stream = h if res is None else h + res
         norm = stream.norm(dim=-1, keepdim=True)  # [n, 1]
-        u = stream / norm.clamp_min(1e-30) + _compose(w_rotate, caps, vectors, inverse)
+        u = stream / norm.clamp_min(1e-30) + _compose(w_rotate, caps, dirs, inverse)
         turned = norm * u / u.norm(dim=-1, keepdim=True).clamp_min(1e-30)
         if res is not None:
             turned = turned - res

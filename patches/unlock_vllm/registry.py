@@ -16,6 +16,7 @@ import torch
 
 from unlock.ops import Term, operator
 from unlock.validation import DEFAULT_MAX_STRENGTH
+from unlock_vllm.request import WireSelection
 from unlock_vllm.tables import CapabilityTable
 
 
@@ -88,7 +89,7 @@ class Registry:
             self._drop(entry)
         return {"ok": True, "error": None, "deferred_for_requests": len(entry.users)}
 
-    def terms(self, selection: list[tuple[str, float, str, str]], req_id: str) -> list[Term]:
+    def terms(self, selection: WireSelection, req_id: str) -> list[Term]:
         """The steering terms of one request; KeyError when a capability is unknown (or retired for it),
         ValueError when the request names another mode than the capability's."""
         terms = []

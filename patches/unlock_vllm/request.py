@@ -21,11 +21,11 @@ EXTRA_ARGS_KEY = "unlock"
 MAX_SELECTED = 8
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
-Entry = tuple[str, float, str, str]  # (sha256, strength, mode, positions)
-Selection = list[Entry]
+WireEntry = tuple[str, float, str, str]  # (sha256, strength, mode, positions)
+WireSelection = list[WireEntry]
 
 
-def _check_entry(entry: Sequence[object]) -> Entry:
+def _check_entry(entry: Sequence[object]) -> WireEntry:
     if not 3 <= len(entry) <= 4:
         raise ValueError(f"a selection entry is [sha256, strength, mode, positions], got {list(entry)!r:.80}")
     sha256, strength, mode = entry[:3]
@@ -54,7 +54,7 @@ def encode_selection(entries: Iterable[Sequence[object]]) -> str:
     return json.dumps([list(entry) for entry in checked], separators=(",", ":"))
 
 
-def decode_selection(text: str) -> Selection:
+def decode_selection(text: str) -> WireSelection:
     """Parse and validate ``extra_args["unlock"]``; raises ValueError naming what is malformed."""
     if not isinstance(text, str):
         raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}] must be a JSON string, got {type(text).__name__}")
