@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from unlock import Capability
+from unlock import Capability, TargetInfo
 from unlock.cli import main
 from unlock.pipeline import Extracted
 
@@ -277,3 +277,20 @@ def test_build_with_pca_centring_add_mode_and_dense_storage(tmp_path, tiny_sourc
     assert (meta["aggregation"], meta["center"], meta["chat_template"]) == ("pca", "true", "true")
     assert (meta["n_fit"], meta["n_holdout"]) == ("9", "3") and len(capability.alignment_errors) == 1
     assert capability.target_directions().shape == (1, 64) and capability.target_directions().norm() > 0
+
+
+def test_generate_reads_strength_and_positions_per_capability(tmp_path):
+    from unlock.cli import parse_capability
+
+    path = tmp_path / "odd@name.safetensors"  # an '@' inside the file name
+    directions = torch.randn(1, 8, generator=torch.Generator().manual_seed(1))
+    target = TargetInfo("Qwen2ForCausalLM", 4, 8, "t")
+    Capability.from_directions("cot", directions, [1], "rotate", 0.5, target).save(path)
+    assert parse_capability(str(path))[1:] == (0.5, "last_prompt")
+    assert parse_capability(f"{path}@0.25")[1:] == (0.25, "last_prompt")
+    assert parse_capability(f"{path}@0.25:all")[1:] == (0.25, "all")
+    assert parse_capability(f"{path}@:generated")[1:] == (0.5, "generated")
+    with pytest.raises(ValueError, match="positions"):
+        parse_capability(f"{path}@0.25:middle")
+    with pytest.raises(ValueError, match="within ±10"):
+        parse_capability(f"{path}@20")
