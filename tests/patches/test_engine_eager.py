@@ -59,6 +59,8 @@ def eager_results(tiny_target_model, capabilities, tmp_path_factory):
         {"requests": long([("addB", 0.5)])},
         # rotA again (its old content is gone), then every operator and position selector.
         {"register": register_list(capabilities, ["rotA"]), "requests": operator_requests(capabilities)},
+        # `generated` edits nothing in the prompt: the unsteered run's prompt blocks are reused.
+        {"requests": long([("addB", 0.5, "generated")])},
     ]
     common = {
         "model": str(tiny_target_model),
@@ -148,3 +150,7 @@ def test_prefix_cache_separates_steering(eager_results, oracle):
     assert rot1["cached"] == rot2["cached"] == new_rot["cached"] == before_rotated
     assert plain2["cached"] > 0
     assert add["cached"] == 0, "`add` edits every token: no block computed otherwise may be reused"
+    generated = steered["phases"][10]["outputs"][0]
+    [want_generated] = oracle([LONG_PROMPT], [[("addB", 0.5, "generated")]], MAX_TOKENS)
+    assert_matches_oracle(generated, want_generated, "add at generated tokens, prompt blocks shared")
+    assert generated["cached"] == before_rotated, "a `generated` capability's prompt blocks are unsteered KV"
