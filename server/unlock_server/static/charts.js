@@ -63,6 +63,7 @@ export function barChart(bars, { title, xLabel, yLabel }) {
   const y = scale([0, ...bars.map((b) => b.value ?? 0)], H - PAD.bottom, PAD.top + 8);
   const chart = frame(title, xLabel, yLabel, y);
   const slot = (W - PAD.left - PAD.right) / Math.max(bars.length, 1);
+  const every = Math.ceil(bars.length / 12); // at most about 12 labels: a 24-layer model's would overlap
   bars.forEach((b, i) => {
     const left = PAD.left + i * slot;
     const top = y(b.value ?? 0);
@@ -70,7 +71,9 @@ export function barChart(bars, { title, xLabel, yLabel }) {
                               class: "bar", dataset: { label: b.label, value: b.value } });
     bar.append(svg("title", {}, `${b.label}: ${fmt(b.value)}${b.note ? ` (${b.note})` : ""}`));
     chart.append(bar);
-    chart.append(svg("text", { x: left + slot / 2, y: H - PAD.bottom + 14, class: "tick x" }, b.label));
+    if (i % every === 0) {
+      chart.append(svg("text", { x: left + slot / 2, y: H - PAD.bottom + 14, class: "tick x" }, b.label));
+    }
   });
   return chart;
 }
