@@ -205,6 +205,17 @@ def test_steered_and_unsteered_answers_stream_side_by_side_as_the_api_gives_them
     assert find(driver, "#compare-message").text == "The two answers are identical."
     set_value(driver, find(row(driver, "steer"), ".cap-strength"), "3")
 
+    # The tokens it edits, overridden for this request: every token instead of rotate's last prompt token.
+    set_value(driver, find(row(driver, "steer"), ".cap-positions"), "all")
+    _, steered_all = run_prompt(driver)
+    assert find(driver, "#answer-steered .label").text == "steer@3:all"
+    overridden = {**body, "capabilities": [{"name": "steer", "strength": 3, "positions": "all"}]}
+    api_all = httpx.post(
+        f"{server.url}/v1/completions", json=overridden, headers=bearer(API_KEY), timeout=120
+    )
+    assert api_all.json()["choices"][0]["text"].strip() == steered_all.strip()
+    set_value(driver, find(row(driver, "steer"), ".cap-positions"), "")
+
 
 def test_a_sweep_charts_one_point_per_strength(server, driver):
     set_value(driver, find(driver, "#sweep-capability"), "steer")

@@ -7,6 +7,7 @@ import { $, el, fmt, say, show } from "./dom.js";
 
 const MAX_STRENGTH = 10; // the server's default limit (UNLOCK_MAX_STRENGTH): beyond it a request is a 400
 const TOP_LOGPROBS = 20; // vLLM's default cap on returned log-probabilities
+const POSITIONS = ["last_prompt", "prompt", "generated", "all"]; // the tokens a capability edits (unlock.ops)
 const state = { model: null, capabilities: [], chosen: new Map() };
 
 const errorText = (err) => (err instanceof APIError ? `${err.status}: ${err.message}` : String(err?.message ?? err));
@@ -61,6 +62,19 @@ function strengthSlider(cap, choice) {
   return [slider, output];
 }
 
+// The tokens the capability edits: its own (from the artifact) unless the request overrides them.
+function positionsSelect(cap, choice) {
+  const own = cap.metadata?.positions;
+  const select = el("select", {
+    class: "cap-positions", "aria-label": `tokens ${cap.name} edits`,
+    onchange: () => { choice.positions = select.value || null; },
+  },
+  el("option", { value: "" }, own ? `own: ${own}` : "own positions"),
+  ...POSITIONS.map((p) => el("option", { value: p }, p)));
+  select.value = choice.positions ?? "";
+  return select;
+}
+
 function deleteButton(name) {
   const button = el("button", { type: "button", class: "danger small", dataset: { action: "delete" } }, "delete");
   button.addEventListener("click", async () => {
@@ -83,7 +97,7 @@ function deleteButton(name) {
 }
 
 function capabilityRow(cap, admin) {
-  const choice = state.chosen.get(cap.name) ?? { on: false, strength: cap.default_strength };
+  const choice = state.chosen.get(cap.name) ?? { on: false, strength: cap.default_strength, positions: null };
   state.chosen.set(cap.name, choice);
   const ready = cap.status === "ready";
   const toggle = el("input", {
@@ -98,7 +112,7 @@ function capabilityRow(cap, admin) {
       admin ? deleteButton(cap.name) : null),
     el("p", { class: "cap-meta" },
       `${cap.mode} · layers ${layersText(cap.layers)} · default ${fmt(cap.default_strength)}`),
-    ready ? el("div", { class: "row strength" }, ...strengthSlider(cap, choice))
+    ready ? el("div", { class: "row strength" }, ...strengthSlider(cap, choice), positionsSelect(cap, choice))
           : el("p", { class: "message error" }, `unavailable: ${cap.error ?? cap.status}`));
 }
 
@@ -127,10 +141,16 @@ function request() {
     : { chat, path: "/v1/completions", body: { ...body, prompt: text } };
 }
 
+// One capability as the request's `capabilities` field takes it; positions only when overridden.
+function term(name, strength) {
+  const positions = state.chosen.get(name)?.positions;
+  return positions ? { name, strength, positions } : { name, strength };
+}
+
 function selection() {
   return state.capabilities
     .filter((cap) => cap.status === "ready" && state.chosen.get(cap.name)?.on)
-    .map((cap) => ({ name: cap.name, strength: state.chosen.get(cap.name).strength }));
+    .map((cap) => term(cap.name, state.chosen.get(cap.name).strength));
 }
 
 async function runPane(pane, path, body) {
@@ -221,7 +241,7 @@ async function runSweep(event) {
   const base = { ...body, ...logprobs, return_tokens_as_token_ids: true };
   panel.dataset.state = "running";
   say($("#sweep-message"), `running ${strengths.length + 1} requests together…`);
-  const bodies = [base, ...strengths.map((strength) => ({ ...base, capabilities: [{ name, strength }] }))];
+  const bodies = [base, ...strengths.map((strength) => ({ ...base, capabilities: [term(name, strength)] }))];
   const settled = await Promise.allSettled(bodies.map((json) => call(path, { method: "POST", json })));
   const answers = settled.map((r) => (r.status === "fulfilled" ? answerOf(r.value.body.choices[0], chat) : null));
   const rows = strengths.map((strength, i) => {
@@ -340,6 +360,9 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("#change-key").addEventListener("click", () => askForKey());
   $("#prompt-form").addEventListener("submit", runPrompt);
+  $("#prompt").addEventListener("keydown", (event) => { // Ctrl+Enter (Cmd+Enter) runs the prompt
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) $("#prompt-form").requestSubmit();
+  });
   $("#sweep-form").addEventListener("submit", runSweep);
   $("#admin-form").addEventListener("submit", upload);
   $("#admin-key").addEventListener("change", setAdminKey);
