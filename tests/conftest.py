@@ -62,3 +62,20 @@ def tiny_source_model(tmp_path_factory) -> Path:
 def tiny_target_model(tmp_path_factory) -> Path:
     """Folder of the tiny Qwen2 target (hidden 64, 4 layers, vocab 300)."""
     return make_model(TARGET, tmp_path_factory.mktemp("tiny-target"))
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url() -> str:
+    """A throwaway PostgreSQL server (tests/postgres_server.py) for the registry's database backend."""
+    from postgres_server import postgres_server
+
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture
+def postgres_url(postgres_server_url) -> str:
+    """A fresh, empty database: one registry's worth of state."""
+    from postgres_server import fresh_database
+
+    return fresh_database(postgres_server_url)

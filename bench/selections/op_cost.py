@@ -24,7 +24,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from unlock_vllm.registry import Registry
+from unlock_vllm.registry import WorkerRegistry
 from unlock_vllm.request import EXTRA_ARGS_KEY, encode_selection
 from unlock_vllm.state import SteeringState
 
@@ -37,7 +37,7 @@ PROMPT = 12  # tokens per prompt in the prefill step
 
 def build(args: argparse.Namespace, mode: str, k: int, tmp: Path) -> tuple[SteeringState, dict]:
     """A worker's state with CAPS capabilities registered and the batch admitted with K selections."""
-    registry = Registry(64, 1, args.hidden, dtype=getattr(torch, args.dtype))
+    registry = WorkerRegistry(64, 1, args.hidden, dtype=getattr(torch, args.dtype))
     target = TargetInfo("bench", 1, args.hidden, "bench")
     caps = []
     for i in range(CAPS):

@@ -25,7 +25,7 @@ class RegistryFull(ValueError):
 
 
 @dataclass
-class Entry:
+class LoadedCapability:
     sha256: str
     name: str
     mode: str
@@ -35,7 +35,7 @@ class Entry:
     retired: bool = False
 
 
-class Registry:
+class WorkerRegistry:
     def __init__(
         self,
         capacity: int,
@@ -55,7 +55,7 @@ class Registry:
         self.dtype = dtype
         layer_ids = list(range(num_layers)) if layer_ids is None else layer_ids
         self.table = CapabilityTable(layer_ids, capacity, hidden_size, dtype, torch.device(device))
-        self.entries: dict[str, Entry] = {}
+        self.entries: dict[str, LoadedCapability] = {}
         self.free_slots = list(range(capacity, 0, -1))
 
     def register(self, path: str, sha256: str) -> dict[str, Any]:
@@ -75,7 +75,9 @@ class Registry:
         if cap.sha256 != sha256:
             raise ValueError(f"sha256 mismatch for {path}: expected {sha256}, file has {cap.sha256}")
         cap.validate(self.num_layers, self.hidden_size, Limits(self.max_strength, self.dtype))
-        entry = Entry(sha256, cap.name, cap.mode, [int(i) for i in cap.layers], self.free_slots.pop())
+        entry = LoadedCapability(
+            sha256, cap.name, cap.mode, [int(i) for i in cap.layers], self.free_slots.pop()
+        )
         self.table.write(entry.slot, entry.layers, cap.table_rows())
         self.entries[sha256] = entry
         return self._describe(entry)
@@ -111,7 +113,7 @@ class Registry:
             if entry.retired and not entry.users:
                 self._drop(entry)
 
-    def _drop(self, entry: Entry) -> None:
+    def _drop(self, entry: LoadedCapability) -> None:
         del self.entries[entry.sha256]
         self.table.clear(entry.slot)
         self.free_slots.append(entry.slot)
@@ -120,7 +122,7 @@ class Registry:
         return sorted(sha for sha, e in self.entries.items() if not e.retired)
 
     @staticmethod
-    def _describe(entry: Entry) -> dict[str, Any]:
+    def _describe(entry: LoadedCapability) -> dict[str, Any]:
         return {
             "ok": True,
             "error": None,

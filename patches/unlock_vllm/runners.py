@@ -16,7 +16,7 @@ from typing import Any
 from unlock_vllm import seams
 from unlock_vllm.config import read_config
 from unlock_vllm.discovery import find_vllm_decoder_layers
-from unlock_vllm.registry import Registry
+from unlock_vllm.registry import WorkerRegistry
 from unlock_vllm.state import SteeringState
 from unlock_vllm.steer_op import check_cuda_kernel
 
@@ -133,7 +133,7 @@ def install(runner: Any, vllm_config: Any) -> SteeringState | None:
     max_tokens = max(runner.max_num_tokens, compilation.max_cudagraph_capture_size or 0)
     registry = old.registry if old else None  # a reload keeps what was registered
     if registry is None:
-        registry = Registry(
+        registry = WorkerRegistry(
             config.max_capabilities,
             num_layers,
             hidden_size,

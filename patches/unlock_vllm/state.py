@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from unlock.ops import TOKEN_CLASSES, class_terms
-from unlock_vllm.registry import Registry
+from unlock_vllm.registry import WorkerRegistry
 from unlock_vllm.request import EXTRA_ARGS_KEY, MAX_SELECTED, decode_selection
 from unlock_vllm.staging import Staging
 from unlock_vllm.steer_op import steer
@@ -53,7 +53,7 @@ class SteeringState:
         layers: list[tuple[int, nn.Module]],
         max_num_reqs: int,
         max_num_tokens: int,
-        registry: Registry,
+        registry: WorkerRegistry,
         runner_class: str,
         compilation_mode: str,
     ) -> None:

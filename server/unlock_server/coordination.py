@@ -30,7 +30,7 @@ MANIFEST_VERSION = 1
 
 
 @dataclass(frozen=True)
-class Entry:
+class ManifestEntry:
     """One registered capability as the server knows it (what the manifest stores and the API returns)."""
 
     name: str
@@ -51,7 +51,7 @@ class Entry:
 class Manifest:
     """One version of the manifest: its entries, and which writer made it when."""
 
-    entries: dict[str, Entry]
+    entries: dict[str, ManifestEntry]
     generation: int = 0
     updated_at: float = 0.0
     writer: str | None = None
@@ -77,13 +77,13 @@ class Manifest:
                 "move it aside or point the server at another registry"
             )
         return cls(
-            entries={name: Entry(**raw) for name, raw in data["capabilities"].items()},
+            entries={name: ManifestEntry(**raw) for name, raw in data["capabilities"].items()},
             generation=int(data.get("generation", 0)),
             updated_at=float(data.get("updated_at", 0.0)),
             writer=data.get("writer"),
         )
 
-    def successor(self, entries: dict[str, Entry], writer: str) -> Manifest:
+    def successor(self, entries: dict[str, ManifestEntry], writer: str) -> Manifest:
         return Manifest(dict(sorted(entries.items())), self.generation + 1, time.time(), writer)
 
 

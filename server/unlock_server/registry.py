@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .coordination import Coordination, Entry, FileCoordination, Manifest, Transaction
+from .coordination import Coordination, FileCoordination, Manifest, ManifestEntry, Transaction
 from .errors import APIError
 
 logger = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ class Registry:
                 _fsync_dir(self.blobs)
         return blob
 
-    def publish(self, entry: Entry, replace: bool) -> tuple[Manifest, Entry | None]:
+    def publish(self, entry: ManifestEntry, replace: bool) -> tuple[Manifest, ManifestEntry | None]:
         """Name a placed blob in the manifest and unpin it. Returns the manifest after the change and the
         entry it replaced; 409 when the name took other content since the caller looked and `replace` is off.
         The same content already under the name leaves the manifest as it is."""
@@ -164,7 +164,7 @@ class Registry:
             tx.unpin(sha256)
             self._drop_if_unused(tx, sha256, tx.read(), tx.live_owners())
 
-    def remove(self, name: str) -> tuple[Manifest, Entry | None]:
+    def remove(self, name: str) -> tuple[Manifest, ManifestEntry | None]:
         """Drop `name` from the manifest and its blob unless another entry or a live writer still uses it
         (replicas that registered it keep their copy in memory). Returns the manifest and the removed one."""
         with self.coordination.locked() as tx:

@@ -19,7 +19,7 @@ from typing import Any
 from .engine import EngineRPCError, Workers
 from .errors import APIError
 from .metrics import Metrics
-from .registry import Entry, Manifest, Registry, Staged, check_name, name_clash
+from .registry import Manifest, ManifestEntry, Registry, Staged, check_name, name_clash
 from .selection import PARAM, Choice
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class Applied:
-    entry: Entry
+    entry: ManifestEntry
     strength: float
     positions: str  # the tokens it edits: the capability's own, or the request's override
 
@@ -51,7 +51,7 @@ class Applied:
         return (self.entry.sha256, self.strength, self.entry.mode, self.positions)
 
 
-def default_positions(entry: Entry) -> str:
+def default_positions(entry: ManifestEntry) -> str:
     from unlock.ops import OPERATORS
 
     return entry.metadata.get("positions") or OPERATORS[entry.mode].default_positions
@@ -70,8 +70,8 @@ def _validate(data: bytes, shape: ModelShape, max_strength: float) -> Any:
     return capability
 
 
-def _entry(name: str, capability: Any, sha256: str, size: int) -> Entry:
-    return Entry(
+def _entry(name: str, capability: Any, sha256: str, size: int) -> ManifestEntry:
+    return ManifestEntry(
         name=name,
         sha256=sha256,
         mode=capability.mode,
@@ -114,7 +114,7 @@ class CapabilityService:
         self.max_strength = max_strength
         self.poll_interval = poll_interval
         self._lock = asyncio.Lock()  # one change of the view at a time: uploads, deletes, polls
-        self._view: dict[str, Entry] = {}
+        self._view: dict[str, ManifestEntry] = {}
         self._generation = 0  # of the manifest `_view` was last brought in line with
         self._last_sync = 0.0  # wall time of that
         self._last_propagation: float | None = None
@@ -207,7 +207,7 @@ class CapabilityService:
             )
         return self.public(entry)
 
-    def public(self, entry: Entry) -> dict[str, Any]:
+    def public(self, entry: ManifestEntry) -> dict[str, Any]:
         status = "unavailable" if entry.name in self._unavailable else "ready"
         out = {**entry.public(), "status": status, "in_flight": self._in_flight[entry.sha256]}
         if status == "unavailable":

@@ -13,7 +13,7 @@ from conftest import ENGINE
 from torch import nn
 from unlock_vllm import engine_kwargs
 from unlock_vllm.prefix_cache import _with_fingerprint, steering_keys
-from unlock_vllm.registry import Registry
+from unlock_vllm.registry import WorkerRegistry
 from unlock_vllm.request import EXTRA_ARGS_KEY, MAX_SELECTED, decode_selection, encode_selection
 from unlock_vllm.state import SteeringState
 from unlock_vllm.steer_op import steer
@@ -103,7 +103,7 @@ def test_registry_validates_and_writes_the_table_once(tmp_path):
 
     from unlock import ArtifactError, Capability
 
-    registry = Registry(capacity=2, num_layers=LAYERS, hidden_size=HIDDEN)
+    registry = WorkerRegistry(capacity=2, num_layers=LAYERS, hidden_size=HIDDEN)
     path, sha = _artifact(tmp_path, "rot", "rotate", [1, 2])
     described = registry.register(path, sha)
     assert described == {
@@ -131,7 +131,7 @@ def test_registry_validates_and_writes_the_table_once(tmp_path):
     with pytest.raises(ArtifactError, match="would steer by up to"):
         registry.register(*_artifact(tmp_path, "huge", "add", [0], scale=1e37))
     # the server's limit
-    lenient = Registry(capacity=2, num_layers=LAYERS, hidden_size=HIDDEN, max_strength=20)
+    lenient = WorkerRegistry(capacity=2, num_layers=LAYERS, hidden_size=HIDDEN, max_strength=20)
     lenient.register(*_artifact(tmp_path, "loud", "add", [0], strength=15))
     registry.register(*_artifact(tmp_path, "second", "add", [0], seed=2))
     with pytest.raises(RegistryFull, match="max_capabilities"):
@@ -141,7 +141,7 @@ def test_registry_validates_and_writes_the_table_once(tmp_path):
 def test_registry_uses_the_model_dtype_and_holds_only_its_layers(tmp_path):
     from unlock import ArtifactError
 
-    registry = Registry(4, LAYERS, HIDDEN, dtype=torch.float16, layer_ids=[2, 3])  # a pipeline rank
+    registry = WorkerRegistry(4, LAYERS, HIDDEN, dtype=torch.float16, layer_ids=[2, 3])  # a pipeline rank
     path, sha = _artifact(tmp_path, "add", "add", [1, 2], scale=1000.0)  # 10 x ~3000 > 4094
     with pytest.raises(ArtifactError, match="float16"):
         registry.register(path, sha)
@@ -152,7 +152,7 @@ def test_registry_uses_the_model_dtype_and_holds_only_its_layers(tmp_path):
 
 
 def test_unregister_is_deferred_for_requests_using_it(tmp_path):
-    registry = Registry(capacity=4, num_layers=LAYERS, hidden_size=HIDDEN)
+    registry = WorkerRegistry(capacity=4, num_layers=LAYERS, hidden_size=HIDDEN)
     path, sha = _artifact(tmp_path, "add", "add", [0, 3])
     registry.register(path, sha)
     slot = registry.entries[sha].slot
@@ -176,7 +176,7 @@ def test_unregister_is_deferred_for_requests_using_it(tmp_path):
 
 
 def _state(tmp_path, max_tokens=32, device="cpu"):
-    registry = Registry(capacity=4, num_layers=LAYERS, hidden_size=HIDDEN, device=device)
+    registry = WorkerRegistry(capacity=4, num_layers=LAYERS, hidden_size=HIDDEN, device=device)
     caps = {
         "rot": _artifact(tmp_path, "rot", "rotate", [1, 2]),
         "add": _artifact(tmp_path, "add", "add", [0], seed=1),

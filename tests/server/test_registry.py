@@ -8,11 +8,11 @@ import os
 
 import pytest
 from unlock_server.errors import APIError
-from unlock_server.registry import Entry, Registry, check_name
+from unlock_server.registry import ManifestEntry, Registry, check_name
 
 
-def entry(name: str, sha256: str) -> Entry:
-    return Entry(
+def entry(name: str, sha256: str) -> ManifestEntry:
+    return ManifestEntry(
         name=name,
         sha256=sha256,
         mode="rotate",
