@@ -50,7 +50,7 @@ def accuracy_vs_strength(out: Path) -> Path | None:
 
 
 def alignment_error(out: Path) -> Path | None:
-    artifacts = sorted((out / "artifacts").glob("xfer-r*.safetensors"))
+    artifacts = sorted((out / "artifacts").glob("xfer-*.safetensors"))
     if not artifacts:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -1,15 +1,28 @@
-"""The paper's chain-of-thought transfer at small scale, measured through the served path (HTTP, batched).
+"""The chain-of-thought transfer on GSM8K, measured through the served path (HTTP, batched), with controls.
 
-Stages (each resumable; results are appended per item to JSONL files under --out and skipped when present):
-  build   artifacts: cross-model (source -> target) at each rank; same-model (the target's own direction)
-  tune    strength x rank on a held-out GSM8K split that is never evaluated
-  eval    the evaluated GSM8K items: target direct, target + UNLOCK, target cot, target + same-model direction
-  report  tables with 95% Wilson intervals and exact McNemar tests, and the figures (plots.py)
+Stages (each resumable: results are appended per item to JSONL files under --out and skipped when present):
+  build   the candidate cross-model capabilities (`unlock align` with each --candidate's settings) and the
+          same-model reference (the target's own cot - direct direction, no alignment)
+  tune    candidate x strength, and the same-model strength, on a GSM8K split that is never evaluated; the
+          best tuning accuracy picks the `unlock` row's capability and strength (choice.json)
+  eval    the evaluated items, one file per row (eval-<row>.jsonl: index, gold, pred, text, ...):
+            direct             the target with the `direct` template, unsteered
+            unlock             + the chosen cross-model capability at the chosen strength
+            control-random     + a random direction with the chosen capability's per-layer norms, layers and
+                               strength (seeded)
+            control-mean-axis  + the rank-1 uncentred map of the chosen candidate's rows (the target's mean
+                               stream axis, signed by the map) at the same layers and strength
+            cot                the target with the `cot` template, unsteered
+            same-model         + the target's own direction at its tuned strength
+  report  accuracy with 95% Wilson intervals, exact McNemar tests of every row against `direct`, figures
 
-Example (the headline, 1.5B -> 0.5B; models come from bench/fetch_assets.py):
-  .venv/bin/python bench/transfer/run.py all \
-      --source bench/cache/models/qwen15 --target bench/cache/models/qwen05 \
-      --out bench/transfer/results/qwen15-to-qwen05
+Example (issue 14's run, 1.5B -> 0.5B; models and captures from bench/fetch_assets.py and capture.py):
+  C=bench/cache; A="--align-positions all --align-data $C/data/align_math.jsonl --capture-dir $C/streams"
+  .venv/bin/python bench/transfer/run.py all --source $C/models/qwen15 --target $C/models/qwen05 \\
+      --source-extracted $C/extracted/qwen15-math64.safetensors \\
+      --target-extracted $C/extracted/qwen05-math64.safetensors \\
+      --candidate tok "$A --align-n 256 --center --rank 896 --ridge 0.01,0.1" \\
+      --out bench/transfer/results/issue14/qwen15-to-qwen05
 """
 
 from __future__ import annotations
@@ -19,6 +32,7 @@ import asyncio
 import json
 import os
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -26,17 +40,23 @@ import time
 from pathlib import Path
 
 import httpx
+import torch
 from openai import AsyncOpenAI
 
 sys.path.insert(0, str(Path(__file__).parent))
 from plots import draw_all  # noqa: E402
 from scoring import gold_answer, mcnemar_exact, parse_answer, wilson_interval  # noqa: E402
 
+from unlock import Capability, TargetInfo  # noqa: E402
+from unlock.pipeline import Extracted  # noqa: E402
 from unlock.templates import ANSWER_CLOSE, BUILTIN_TEMPLATES, render  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = REPO / ".venv" / "bin"
 ADMIN_KEY = "bench-admin"
+ROWS = ("direct", "unlock", "control-random", "control-mean-axis", "cot", "same-model")
+# `unlock align` options a control replaces: it keeps the chosen candidate's rows, not its fit settings.
+FIT_OPTIONS = {"--rank": 1, "--ridge": 1, "--select-layers": 1, "--layers": 1, "--center": 0, "--store": 1}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -50,96 +70,115 @@ def append_jsonl(path: Path, row: dict) -> None:
 
 
 def run_logged(cmd: list[str], log: Path) -> None:
-    print("$", " ".join(cmd), flush=True)
+    print("$", shlex.join(cmd), flush=True)
     with log.open("w") as f:
         subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT)
 
 
-def build_artifacts(args: argparse.Namespace) -> dict[str, Path]:
-    """`unlock extract` once per source model, `unlock align` per rank; skipped for files that exist.
+def without_fit_options(align_args: list[str]) -> list[str]:
+    """A candidate's `unlock align` arguments less its fit settings (FIT_OPTIONS, with their values)."""
+    kept, skip = [], 0
+    for token in align_args:
+        if skip:
+            skip -= 1
+        elif token in FIT_OPTIONS:
+            skip = FIT_OPTIONS[token]
+        else:
+            kept.append(token)
+    return kept
 
-    Cross-model: source -> target through the rank-k map. Same-model (the upper reference): the target's own
-    direction, used as is (no map, so nothing is lost to the rank-k projection).
-    """
-    art_dir = args.out / "artifacts"
-    art_dir.mkdir(parents=True, exist_ok=True)
-    extract = [
-        "--data",
-        str(args.extract_data),
-        "--field",
-        args.extract_field,
-        "-n",
-        str(args.n),
-        "--locked-template",
-        "direct",
-        "--unlocked-template",
-        "cot",
-        "--aggregation",
-        "mean",
-        "--batch-size",
-        "8",
-    ]
-    for role, model in (("source", args.source), ("target", args.target)):
-        path = art_dir / f"extracted-{role}.safetensors"
-        if not path.exists():
-            run_logged(
-                [str(BIN / "unlock"), "extract", "--source-locked", str(model), *extract, "-o", str(path)],
-                art_dir / f"extract-{role}.log",
-            )
-    paths = {}
-    for rank in args.ranks:
-        name = f"xfer-r{rank}"
-        paths[name] = art_dir / f"{name}.safetensors"
-        if not paths[name].exists():
-            run_logged(
-                [
-                    str(BIN / "unlock"),
-                    "align",
-                    "--extracted",
-                    str(art_dir / "extracted-source.safetensors"),
-                    "--target",
-                    str(args.target),
-                    "--rank",
-                    str(rank),
-                    *(["--center"] if args.center else []),
-                    *shlex.split(args.align_args),
-                    "--mode",
-                    "rotate",
-                    "--strength",
-                    "0.1",
-                    "--name",
-                    name,
-                    "-o",
-                    str(paths[name]),
-                ],
-                art_dir / f"align-{name}.log",
-            )
-    paths["same"] = art_dir / "same.safetensors"
+
+def extracted_file(args: argparse.Namespace, role: str) -> Path:
+    """`unlock extract` of the source or the target (the same prompts and templates): copied from
+    --{role}-extracted when given, else extracted here."""
+    path = args.out / "artifacts" / f"extracted-{role}.safetensors"
+    given = getattr(args, f"{role}_extracted")
+    if path.exists():
+        return path
+    if given is not None:
+        shutil.copyfile(given, path)
+        return path
+    model = args.source if role == "source" else args.target
+    run_logged(
+        [str(BIN / "unlock"), "extract", "--source-locked", str(model), "--data", str(args.extract_data),
+         "--field", "problem", "-n", str(args.n), "--locked-template", "direct", "--unlocked-template", "cot",
+         "--aggregation", "mean", "--batch-size", "8", "-o", str(path)],
+        args.out / "artifacts" / f"extract-{role}.log",
+    )  # fmt: skip
+    return path
+
+
+def align(args: argparse.Namespace, name: str, align_args: list[str]) -> Path:
+    """`unlock align` of the source's extraction into the target, dense directions (uploads stay small)."""
+    path = args.out / "artifacts" / f"{name}.safetensors"
+    if not path.exists():
+        run_logged(
+            [str(BIN / "unlock"), "align", "--extracted", str(extracted_file(args, "source")),
+             "--target", str(args.target), *align_args, "--store", "directions", "--mode", "rotate",
+             "--strength", "0.1", "--name", name, "-o", str(path)],
+            args.out / "artifacts" / f"align-{name}.log",
+        )  # fmt: skip
+    return path
+
+
+def build_candidates(args: argparse.Namespace) -> dict[str, Path]:
+    (args.out / "artifacts").mkdir(parents=True, exist_ok=True)
+    paths = {f"xfer-{name}": align(args, f"xfer-{name}", shlex.split(a)) for name, a in args.candidate}
+    paths["same"] = args.out / "artifacts" / "same.safetensors"
     if not paths["same"].exists():
-        same_model_capability(art_dir / "extracted-target.safetensors", args.target).save(paths["same"])
+        same_model_capability(extracted_file(args, "target"), args.target).save(paths["same"])
     return paths
 
 
-def same_model_capability(extracted_path: Path, target: Path):
-    """The target's own cot-minus-direct direction at every layer, as a capability (no alignment)."""
+def target_info(target: Path, num_layers: int, hidden: int) -> TargetInfo:
     from transformers import AutoConfig
 
-    from unlock import Capability, TargetInfo
-    from unlock.pipeline import Extracted
+    return TargetInfo(AutoConfig.from_pretrained(target).architectures[0], num_layers, hidden, str(target))
 
+
+def same_model_capability(extracted_path: Path, target: Path) -> Capability:
+    """The target's own cot-minus-direct direction at every layer, as a capability (no alignment)."""
     extracted = Extracted.load(extracted_path)
-    config = AutoConfig.from_pretrained(target)
     num_layers, hidden = extracted.directions.shape
-    info = TargetInfo(config.architectures[0], num_layers, hidden, str(target))
     return Capability.from_directions(
         "same",
         extracted.directions,
         layers=list(range(num_layers)),
         mode="rotate",
         default_strength=0.1,
-        target=info,
+        target=target_info(target, num_layers, hidden),
         metadata={"source_locked": str(target), "n": extracted.metadata["n"]},
     )
+
+
+def random_control(chosen: Path, target: Path, seed: int) -> Capability:
+    """A seeded random direction per steered layer, with the chosen capability's per-layer norms."""
+    capability = Capability.load(chosen)
+    directions = capability.target_directions()  # [L, d]
+    noise = torch.randn(directions.shape, generator=torch.Generator().manual_seed(seed))
+    noise = noise / noise.norm(dim=-1, keepdim=True) * directions.norm(dim=-1, keepdim=True)
+    return Capability.from_directions(
+        "control-random",
+        noise,
+        layers=capability.layers,
+        mode=capability.mode,
+        default_strength=capability.default_strength,
+        target=target_info(target, capability.target_num_layers, capability.target_hidden_size),
+        metadata={"control": f"random, seed {seed}, per-layer norms of {capability.name}"},
+    )
+
+
+def build_controls(args: argparse.Namespace, choice: dict) -> dict[str, Path]:
+    name = choice["unlock"]["name"]
+    chosen = args.out / "artifacts" / f"{name}.safetensors"
+    paths = {"control-random": args.out / "artifacts" / "control-random.safetensors"}
+    if not paths["control-random"].exists():
+        random_control(chosen, args.target, args.seed).save(paths["control-random"])
+    candidate_args = shlex.split(dict(args.candidate)[name.removeprefix("xfer-")])
+    layers = ",".join(map(str, Capability.load(chosen).layers))
+    mean_axis = [*without_fit_options(candidate_args), "--rank", "1", "--ridge", "0", "--layers", layers]
+    paths["control-mean-axis"] = align(args, "control-mean-axis", mean_axis)
+    return paths
 
 
 class Server:
@@ -156,28 +195,12 @@ class Server:
     def __enter__(self) -> Server:
         a = self.args
         cmd = [
-            str(BIN / "unlock-serve"),
-            "--model",
-            str(a.target),
-            "--served-model-name",
-            "target",
-            "--port",
-            str(self.port),
-            "--host",
-            "127.0.0.1",
-            "--admin-key",
-            ADMIN_KEY,
-            "--capabilities-dir",
-            str(a.out / "registry"),
-            "--dtype",
-            "float32",
-            "--max-model-len",
-            "1536",
-            "--kv-cache-memory-bytes",
-            str(4 << 30),
-            "--max-num-seqs",
-            str(a.batch),
-        ]
+            str(BIN / "unlock-serve"), "--model", str(a.target), "--served-model-name", "target",
+            "--port", str(self.port), "--host", "127.0.0.1", "--admin-key", ADMIN_KEY,
+            "--capabilities-dir", str(a.out / "registry"), "--dtype", "float32",
+            "--max-model-len", str(a.max_tokens + 1024), "--kv-cache-memory-bytes", str(4 << 30),
+            "--max-num-seqs", str(a.batch),
+        ]  # fmt: skip
         self.log = (a.out / "server.log").open("a")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 900
@@ -269,46 +292,53 @@ def accuracy(path: Path, indices: set[int]) -> tuple[int, int]:
     return sum(r["correct"] for r in rows), len(rows)
 
 
+def best(scores: dict[str, float]) -> str:
+    """The key of the highest score; ties go to the first listed (the weaker strength, as listed)."""
+    return max(scores, key=lambda k: scores[k])
+
+
 def stage_tune(server: Server, args: argparse.Namespace, gsm: list[dict]) -> dict:
-    """Pick (rank, strength) for UNLOCK and the strength of the same-model row on the tuning split."""
+    """Pick the `unlock` row's candidate and strength, and the same-model strength, on the tuning split."""
     items = [(i, gsm[i]) for i in args.tune_items]
     direct = BUILTIN_TEMPLATES["direct"]
     tune_dir = args.out / "tune"
     tune_dir.mkdir(parents=True, exist_ok=True)
-    scores: dict[str, dict[str, float]] = {}
-    same = ["same"] if "same-model" in args.rows else []  # its tuning is long: only when its row is wanted
-    for name in [f"xfer-r{r}" for r in args.ranks] + same:
-        for strength in args.strengths:
-            out = tune_dir / f"{name}@{strength}.jsonl"
-            asyncio.run(evaluate(server, f"{name}@{strength}", items, direct, {name: strength}, out, args))
-            correct, total = accuracy(out, set(args.tune_items))
-            scores.setdefault(name, {})[str(strength)] = correct / max(total, 1)
-    xfer = max(((n, s) for n in scores if n != "same" for s in scores[n]), key=lambda k: scores[k[0]][k[1]])
+    asyncio.run(evaluate(server, "direct", items, direct, None, tune_dir / "direct.jsonl", args))
+    runs = [(f"xfer-{name}", s) for name, _ in args.candidate for s in args.strengths]
+    if "same-model" in args.rows:
+        runs += [("same", s) for s in args.same_strengths]
+    scores: dict[str, float] = {}
+    for name, strength in runs:
+        out = tune_dir / f"{name}@{strength}.jsonl"
+        asyncio.run(evaluate(server, f"{name}@{strength}", items, direct, {name: strength}, out, args))
+        correct, total = accuracy(out, set(args.tune_items))
+        scores[f"{name}@{strength}"] = correct / max(total, 1)
+    xfer = best({k: v for k, v in scores.items() if not k.startswith("same@")})
     choice = {
-        "unlock": {"name": xfer[0], "strength": float(xfer[1])},
+        "unlock": {"name": xfer.split("@")[0], "strength": float(xfer.split("@")[1])},
         "tune_scores": scores,
         "tune_items": len(items),
+        "tune_direct": accuracy(tune_dir / "direct.jsonl", set(args.tune_items))[0] / len(items),
     }
-    if same:
-        best = max(scores["same"], key=lambda s: scores["same"][s])
-        choice["same"] = {"name": "same", "strength": float(best)}
+    if "same-model" in args.rows:
+        same = best({k: v for k, v in scores.items() if k.startswith("same@")})
+        choice["same"] = {"name": "same", "strength": float(same.split("@")[1])}
     (args.out / "choice.json").write_text(json.dumps(choice, indent=2))
     return choice
 
 
 def stage_eval(server: Server, args: argparse.Namespace, gsm: list[dict], choice: dict) -> None:
-    # The unsteered target on the tuning split too: the baseline of the accuracy-against-strength figure.
-    tune = [(i, gsm[i]) for i in args.tune_items]
-    direct = BUILTIN_TEMPLATES["direct"]
-    asyncio.run(evaluate(server, "direct", tune, direct, None, args.out / "tune" / "direct.jsonl", args))
     items = [(i, gsm[i]) for i in args.eval_items]
+    direct, cot = BUILTIN_TEMPLATES["direct"], BUILTIN_TEMPLATES["cot"]
+    strength = choice["unlock"]["strength"]
     rows = {
-        "direct": (BUILTIN_TEMPLATES["direct"], None),
-        "unlock": (BUILTIN_TEMPLATES["direct"], {choice["unlock"]["name"]: choice["unlock"]["strength"]}),
-        "cot": (BUILTIN_TEMPLATES["cot"], None),
+        "direct": (direct, None),
+        "unlock": (direct, {choice["unlock"]["name"]: strength}),
+        "control-random": (direct, {"control-random": strength}),
+        "control-mean-axis": (direct, {"control-mean-axis": strength}),
+        "cot": (cot, None),
+        "same-model": (direct, {"same": choice.get("same", {}).get("strength")}),
     }
-    if "same" in choice:
-        rows["same-model"] = (BUILTIN_TEMPLATES["direct"], {"same": choice["same"]["strength"]})
     for row in args.rows:
         template, caps = rows[row]
         asyncio.run(evaluate(server, row, items, template, caps, args.out / f"eval-{row}.jsonl", args))
@@ -317,13 +347,13 @@ def stage_eval(server: Server, args: argparse.Namespace, gsm: list[dict], choice
 def stage_report(args: argparse.Namespace) -> str:
     indices = set(args.eval_items)
     results = {}
-    for row in ("direct", "unlock", "cot", "same-model"):
+    for row in ROWS:
         path = args.out / f"eval-{row}.jsonl"
         if path.exists():
             results[row] = {r["index"]: r for r in read_jsonl(path) if r["index"] in indices}
     lines = [
-        "| row | correct | n | accuracy | 95% CI | mean tokens | hit token cap |",
-        "|---|---|---|---|---|---|---|",
+        "| row | correct | n | accuracy | 95% CI | mean tokens | hit token cap | vs direct (exact McNemar) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row, res in results.items():
         n = len(res)
@@ -331,21 +361,22 @@ def stage_report(args: argparse.Namespace) -> str:
         lo, hi = wilson_interval(correct, n)
         toks = sum(r["tokens"] for r in res.values()) / max(n, 1)
         capped = sum(r["finish"] == "length" for r in res.values())
+        versus = ""
+        if row != "direct" and "direct" in results:
+            common = results["direct"].keys() & res.keys()
+            b = sum(res[i]["correct"] and not results["direct"][i]["correct"] for i in common)
+            c = sum(results["direct"][i]["correct"] and not res[i]["correct"] for i in common)
+            versus = f"{b} gained, {c} lost, p = {mcnemar_exact(b, c):.2g}"
         lines.append(
             f"| {row} | {correct} | {n} | {correct / max(n, 1):.1%} | [{lo:.1%}, {hi:.1%}] | {toks:.0f} | "
-            f"{capped} |"
+            f"{capped} | {versus} |"
         )
-    if "direct" in results:
-        for row in ("unlock", "same-model", "cot"):
-            if row not in results:
-                continue
-            common = results["direct"].keys() & results[row].keys()
-            b = sum(results[row][i]["correct"] and not results["direct"][i]["correct"] for i in common)
-            c = sum(results["direct"][i]["correct"] and not results[row][i]["correct"] for i in common)
-            lines.append(
-                f"\n{row} vs direct on {len(common)} paired items: {b} gained, {c} lost, "
-                f"exact McNemar p = {mcnemar_exact(b, c):.3g}"
-            )
+    choice_path = args.out / "choice.json"
+    if choice_path.exists():
+        choice = json.loads(choice_path.read_text())
+        lines += ["", f"Tuning split ({choice['tune_items']} items, unsteered {choice['tune_direct']:.1%}):"]
+        lines += [f"- {k}: {v:.1%}" for k, v in choice["tune_scores"].items()]
+        lines += [f"- chosen: {choice['unlock']['name']} at {choice['unlock']['strength']:g}"]
     text = "\n".join(lines)
     (args.out / "report.md").write_text(text + "\n")
     for figure in draw_all(args.out):
@@ -359,37 +390,33 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--source", type=Path, required=True)
     p.add_argument("--target", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--source-extracted", type=Path, help="`unlock extract` of the source to reuse")
+    p.add_argument("--target-extracted", type=Path, help="`unlock extract` of the target, same prompts")
     p.add_argument("--data-dir", type=Path, default=REPO / "bench" / "cache" / "data")
-    p.add_argument("--extract-field", default="problem")
-    p.add_argument("-n", type=int, default=128, help="MATH problems for extraction and alignment")
-    p.add_argument("--ranks", type=int, nargs="+", default=[64])
+    p.add_argument("-n", type=int, default=64, help="MATH problems for extraction (when not reused)")
     p.add_argument(
-        "--center",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="centre the activations before the alignment fit (`unlock align --center`)",
-    )
-    p.add_argument(
-        "--align-args",
-        default="",
-        help="more `unlock align` arguments, e.g. '--align-positions all --align-data F --capture-dir D "
-        "--ridge 0.1'",
+        "--candidate",
+        nargs=2,
+        action="append",
+        metavar=("NAME", "ALIGN_ARGS"),
+        required=True,
+        help="a cross-model capability: `unlock align` arguments (repeatable; tuned against each other)",
     )
     p.add_argument("--strengths", type=float, nargs="+", default=[0.05, 0.1, 0.2])
+    p.add_argument("--same-strengths", type=float, nargs="+", default=[0.05, 0.1])
     p.add_argument("--eval-range", default="0:200", help="GSM8K test items evaluated (start:stop)")
-    p.add_argument("--tune-range", default="1000:1060", help="GSM8K test items for tuning, never evaluated")
-    p.add_argument("--rows", nargs="+", default=["direct", "unlock", "cot", "same-model"])
-    p.add_argument("--max-tokens", type=int, default=320)
+    p.add_argument("--tune-range", default="1000:1100", help="GSM8K test items for tuning, never evaluated")
+    p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
+    p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random control")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.extract_data = args.data_dir / "math_test.jsonl"
     args.eval_items = range(*map(int, args.eval_range.split(":")))
     args.tune_items = range(*map(int, args.tune_range.split(":")))
     if set(args.eval_items) & set(args.tune_items):
-        p.error(
-            "--eval-range and --tune-range overlap: strength and rank must be chosen on unevaluated items"
-        )
+        p.error("--eval-range and --tune-range overlap: choices must be made on unevaluated items")
     return args
 
 
@@ -398,16 +425,20 @@ def main() -> None:
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
     gsm = read_jsonl(args.data_dir / "gsm8k_test.jsonl")
     if args.stage in ("build", "all"):
-        build_artifacts(args)
+        build_candidates(args)
     if args.stage in ("tune", "eval", "all"):
-        paths = build_artifacts(args)
+        paths = build_candidates(args)
+        choice_path = args.out / "choice.json"
+        choice = json.loads(choice_path.read_text()) if choice_path.exists() else None
+        if choice is not None:
+            paths.update(build_controls(args, choice))
         with Server(args) as server:
             for name, path in paths.items():
                 server.upload(name, path)
-            choice_path = args.out / "choice.json"
-            choice = (
-                json.loads(choice_path.read_text()) if choice_path.exists() else stage_tune(server, args, gsm)
-            )
+            if choice is None:
+                choice = stage_tune(server, args, gsm)
+                for name, path in build_controls(args, choice).items():
+                    server.upload(name, path)
             if args.stage in ("eval", "all"):
                 stage_eval(server, args, gsm, choice)
     if args.stage in ("report", "all"):
