@@ -23,6 +23,12 @@ from dataclasses import dataclass, replace
 import torch
 
 EIG_RTOL = 1e-12  # singular values below 1e-6 of the largest: treated as zero
+FULL_RANK = 2**31 - 1  # `--rank full`: k = min(pairs, d_s, d_t), every direction the rows determine
+
+
+def rank_label(rank: int) -> str:
+    return "full" if rank == FULL_RANK else str(rank)
+
 
 # One layer's paired rows: x_s [P, d_s], x_t [P, d_t] and the text each row comes from, int64 [P].
 RowsFn = Callable[[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]

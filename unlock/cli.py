@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import fields
 
 from unlock._version import __version__
+from unlock.align import FULL_RANK
 from unlock.artifacts import Capability
 from unlock.combine import combine, parse_expression, resolve
 from unlock.directions import AGGREGATIONS
@@ -81,33 +82,45 @@ def number_list(kind: type) -> Callable[[str], tuple]:
     return parse
 
 
+def rank_list(text: str) -> tuple[int, ...]:
+    """An argparse type: "full", "64" or "64,full" (full: every direction the rows determine)."""
+    return tuple(FULL_RANK if part == "full" else number_list(int)(part)[0] for part in text.split(","))
+
+
 def add_align_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("alignment and artifact")
     group.add_argument("--target", required=True, help="the model to steer")
     group.add_argument(
         "--rank",
         dest="ranks",
-        type=number_list(int),
-        default=(32,),
+        type=rank_list,
+        default=(FULL_RANK,),
         metavar="K[,K...]",
-        help="k = min(rank, pairs, hidden sizes) (default 32); several: the one of lowest held-out error",
+        help="k = min(rank, pairs, hidden sizes); 'full' (default): every direction the rows determine; "
+        "several: the one of lowest held-out error (the paper's recipe: 16 to 32)",
     )
-    group.add_argument("--center", action="store_true", help="centre activations before the fit")
+    group.add_argument(
+        "--center",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="centre activations before the fit (default; --no-center: the paper's uncentred fit)",
+    )
     group.add_argument(
         "--ridge",
         dest="ridges",
         type=number_list(float),
-        default=(0.0,),
+        default=(0.1, 0.3, 1.0),
         metavar="R[,R...]",
-        help="ridge on M, relative to the mean diagonal of X_s^T X_s (default 0: the paper's pinv); several: "
-        "chosen with --rank by held-out error",
+        help="ridge on M, relative to the mean diagonal of X_s^T X_s; several (default 0.1,0.3,1): chosen "
+        "with --rank by held-out error; 0: the paper's pinv",
     )
     group.add_argument(
         "--align-positions",
         choices=POSITIONS,
-        default="last",
-        help="pair the streams at the last prompt token (default, the paper's) or at every token both "
-        "tokenizations end at the same character",
+        default="auto",
+        help="pair the streams at every token both tokenizations end at the same character (all), or at the "
+        "last prompt token only (last, the paper's); auto (default): all where both tokenizers give "
+        "character offsets and the same text, else last",
     )
     group.add_argument(
         "--align-data", help="JSONL alignment corpus, apart from the extraction prompts (default: those)"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-POSITIONS = ("last", "all")
+POSITIONS = ("auto", "last", "all")  # auto: all where both tokenizers allow it (unlock.rows)
 
 
 def pair_positions(

@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
 from unlock._version import __version__
-from unlock.align import FitSettings, align, split_indices
+from unlock.align import FULL_RANK, FitSettings, align, rank_label, split_indices
 from unlock.artifacts import Capability, TargetInfo, read_header_metadata, serialize, write_atomic
 from unlock.capture import LoadedModel, capture_last_token, format_prompts, load_model
 from unlock.data import load_questions
@@ -81,13 +81,15 @@ class ExtractConfig:
 class AlignConfig:
     target: str
     name: str
-    ranks: tuple[int, ...] = (32,)  # several: the one of lowest held-out error (unlock.align.FitSettings)
-    center: bool = False
-    ridges: tuple[float, ...] = (0.0,)  # relative to X_s^T X_s (unlock.align); 0: the paper's pseudo-inverse
+    # The defaults are what carried the direction in the transfer experiment (docs/unlock.md, "Defaults"):
+    # every token pair, centred, full rank, a ridge chosen by cross-validated map error.
+    ranks: tuple[int, ...] = (FULL_RANK,)  # several: the one of lowest held-out error (FitSettings)
+    center: bool = True
+    ridges: tuple[float, ...] = (0.1, 0.3, 1.0)  # relative to X_s^T X_s (unlock.align); 0: the paper's pinv
     holdout: float = 0.0  # fraction of alignment texts left out of the fit and scored on
     cv_folds: int = 5  # with holdout 0: the error by k-fold cross-validation over texts (< 2: none)
     seed: int = 0
-    align_positions: str = "last"  # "all": pair the streams at every shared token boundary
+    align_positions: str = "auto"  # all (every shared token boundary), last, or all where possible
     align_data: str | None = None  # alignment corpus (JSONL); None: the extraction prompts
     align_field: str = "question"
     align_n: int | None = None  # first N texts of the corpus; None: all
@@ -216,7 +218,7 @@ def check_align(config: AlignConfig, n_extract: int) -> int:
     if len(config.ranks) * len(config.ridges) > 1 and config.holdout == 0 and config.cv_folds < 2:
         raise ValueError(
             "several --rank or --ridge values are chosen among by their held-out map error: it needs "
-            "--cv-folds >= 2 or --holdout > 0"
+            "--cv-folds >= 2 or --holdout > 0 (the default --ridge is 0.1,0.3,1: give one value)"
         )
     if config.holdout == 0 and config.cv_folds >= 2 and config.cv_folds > n_fit:
         raise ValueError(
@@ -348,7 +350,7 @@ def run_align(extracted: Extracted, config: AlignConfig, models: ModelCache) -> 
         n_pairs=str(fitted.n_pairs),
         split_seed=str(config.seed),
         rank=str(fitted.rank),
-        rank_requested=str(fitted.rank_asked),
+        rank_requested=rank_label(fitted.rank_asked),
         center=str(config.center).lower(),
         ridge=repr(float(fitted.ridge)),
         cv_folds=str(config.cv_folds),
@@ -356,7 +358,10 @@ def run_align(extracted: Extracted, config: AlignConfig, models: ModelCache) -> 
     )
     if len(fitted.grid_errors) > 1:
         meta["grid_errors"] = json.dumps(
-            {f"rank={rank},ridge={ridge!r}": round(e, 6) for (rank, ridge), e in fitted.grid_errors.items()}
+            {
+                f"rank={rank_label(rank)},ridge={ridge!r}": round(e, 6)
+                for (rank, ridge), e in fitted.grid_errors.items()
+            }
         )
     if fitted.error_kind != "none":
         meta["alignment_errors"] = json.dumps([round(e, 6) for e in fitted.errors])

@@ -42,8 +42,15 @@ def alignment_rows(
         if config.align_template is None
         else load_template(config.align_template)
     )
+    positions = config.align_positions
+    source = None
+    if positions != "last":
+        source = models.get(extracted.metadata["source_locked"])
+        if positions == "auto":
+            positions, why = auto_positions(source, target, texts, template, chat)
+            print(f"--align-positions auto: {positions} ({why})")
     meta = {
-        "align_positions": config.align_positions,
+        "align_positions": positions,
         "align_data": "extraction prompts" if config.align_data is None else Path(config.align_data).name,
         "align_field": extracted.metadata["field"] if config.align_data is None else config.align_field,
         "align_template": (
@@ -53,15 +60,15 @@ def alignment_rows(
         ),
         "align_n": str(len(texts)),
     }
-    reuse_source = config.align_data is None and config.align_positions == "last"
-    source = None if reuse_source else models.get(extracted.metadata["source_locked"])
+    if source is None and config.align_data is not None:
+        source = models.get(extracted.metadata["source_locked"])  # captured on the corpus
     if source is not None and str(source.num_layers) != extracted.metadata["source_num_layers"]:
         raise ValueError(f"source {source.name!r} no longer has the shape recorded in the extracted file")
-    if config.align_positions == "last":
+    if positions == "last":
         with timer.stage("capture target"):
             prompts = format_prompts(target.tokenizer, texts, template, chat)
             target_acts = capture_last_token(target, prompts, opts.batch_size, chat, "target")
-        if source is None:
+        if config.align_data is None:  # the extraction prompts: their source rows are saved
             source_acts = extracted.locked_acts
         else:
             with timer.stage("capture source on the alignment texts"):
@@ -93,6 +100,22 @@ def alignment_rows(
         groups,
     )
     return rows, len(texts), meta
+
+
+def auto_positions(
+    source: LoadedModel, target: LoadedModel, texts: list[str], template: str, chat: bool
+) -> tuple[str, str]:
+    """`all` where token pairs can be made (both tokenizers give character offsets, and both models read the
+    same text), else `last`; with the reason."""
+    slow = [lm.name for lm in (source, target) if not getattr(lm.tokenizer, "is_fast", False)]
+    if slow:
+        return "last", f"no character offsets from the slow tokenizer of {', '.join(map(repr, slow))}"
+    if format_prompts(source.tokenizer, texts, template, chat) != format_prompts(
+        target.tokenizer, texts, template, chat
+    ):
+        return "last", "the two chat templates make different texts"
+    same = source.tokenizer.get_vocab() == target.tokenizer.get_vocab()
+    return "all", "same tokenizer: every position" if same else "different tokenizers: shared boundaries"
 
 
 def flat_rows(

@@ -52,14 +52,19 @@ def test_build_writes_a_valid_artifact_and_reports_time(built, tiny_source_model
     assert meta["source_locked"] == str(tiny_source_model) and meta["target_name"] == str(tiny_target_model)
     assert (meta["source_num_layers"], meta["source_hidden_size"]) == ("6", "128")
     assert json.loads(meta["source_layers"]) == [1, 3, 5]  # depth map 6 -> 4 layers
-    # The default fits on every text and measures the error by 5-fold cross-validation over texts.
+    # The defaults: every token pair of every text (auto: both tokenizers are fast), centred, the ridge of
+    # lowest 5-fold cross-validated error over texts among 0.1, 0.3 and 1 (the rank here is explicit).
     assert (meta["n"], meta["n_fit"], meta["n_holdout"], meta["rank"]) == ("24", "24", "0", "8")
-    assert (meta["error_kind"], meta["cv_folds"], meta["ridge"]) == ("cv5", "5", "0.0")
+    assert (meta["error_kind"], meta["cv_folds"]) == ("cv5", "5")
+    grid = json.loads(meta["grid_errors"])
+    assert sorted(grid) == ["rank=8,ridge=0.1", "rank=8,ridge=0.3", "rank=8,ridge=1.0"]
+    assert grid[f"rank=8,ridge={meta['ridge']}"] == min(grid.values())
     assert meta["alignment"] == "fit"
-    assert (meta["align_positions"], meta["align_data"], meta["align_n"], meta["n_pairs"]) == (
-        "last", "extraction prompts", "24", "24",
-    )  # fmt: skip
-    assert (meta["locked_template"], meta["unlocked_template"], meta["center"]) == ("direct", "cot", "false")
+    assert (meta["align_positions"], meta["align_data"]) == ("all", "extraction prompts")
+    assert meta["align_n"] == "24"
+    assert int(meta["n_pairs"]) > 10 * 24  # token pairs, not one row per text
+    assert (meta["locked_template"], meta["unlocked_template"], meta["center"]) == ("direct", "cot", "true")
+    assert "--align-positions auto: all" in proc.stdout
     errors = capability.alignment_errors
     assert len(errors) == 3 and all(0 < e < 10 for e in errors)
     assert capability.target_directions().shape == (3, 64)

@@ -267,6 +267,7 @@ def test_same_tokenizer_token_level_fit_equals_the_maps_of_the_pairs(tmp_path, t
     capability = build(
         tmp_path, twin, tiny_target_model, "twin", "--align-positions", "all", "--align-data", str(data),
         "--align-field", "text", "--align-template", "plain", "--cv-folds", "0", "--rank", "64",
+        "--ridge", "0",
     )  # fmt: skip
     texts = [json.loads(line)["text"] for line in data.read_text().splitlines()]
     ends = [token_ends(target.tokenizer, t)[1] for t in texts]
