@@ -64,10 +64,13 @@ def _fail(nodeid: str, what: str) -> None:
 
 
 _ORIGINAL_POPEN = subprocess.Popen
+_cores_before: set[int] = set()  # engine cores already running when the guarded test started
 
 
 def install(nodeid: str) -> None:
     """Guard `subprocess.Popen` (what `subprocess.run` and the test launchers use) while `nodeid` runs."""
+    global _cores_before
+    _cores_before = set(_engine_cores())  # an earlier engine test's leftovers are not this test's doing
 
     class GuardedPopen(_ORIGINAL_POPEN):  # a subclass: isinstance checks on Popen objects keep working
         def __init__(self, args, *rest, **kwargs):
@@ -84,6 +87,6 @@ def uninstall() -> None:
 
 def check_no_engine_core(nodeid: str) -> None:
     """An engine started in this process (not through Popen) shows as a VLLM::EngineCore child."""
-    cores = _engine_cores()
+    cores = sorted(set(_engine_cores()) - _cores_before)
     if cores:
         _fail(nodeid, f"left vLLM engine cores running (pids {cores})")
