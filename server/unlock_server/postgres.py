@@ -117,7 +117,15 @@ class PostgresCoordination:
         self._joined = False
         with self._session_lock:
             if self._session is not None:
-                self._session.close()  # the server releases the lock with the session
+                # Unlock before closing: the server frees a closed session's locks only once its backend has
+                # exited, a moment after close() returns, and a writer opening then would think us alive.
+                # (A writer that dies without closing is freed that way, a moment later.)
+                if not self._session.closed and not self._session.broken:
+                    try:
+                        self._session.execute("SELECT pg_advisory_unlock(%s)", (self._lock_key,))
+                    except self.psycopg.Error:
+                        pass  # the connection is going anyway; the server frees the lock with it
+                self._session.close()
                 self._session = None
 
 
