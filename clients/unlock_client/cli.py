@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from unlock_client.client import UnlockAPIError, UnlockClient
-from unlock_client.selection import capabilities_extra_body, parse_spec
+from unlock_client.selection import capabilities_extra_body
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
         "-c",
         action="append",
         default=[],
-        metavar="NAME[@STRENGTH]",
-        help="switch a capability on (repeatable); default strength when @ is omitted",
+        metavar="NAME[@STRENGTH][:POSITIONS]",
+        help="switch a capability on (repeatable); its default strength when @ is omitted, its own positions "
+        "(last_prompt, prompt, generated or all) when : is omitted",
     )
     chat.add_argument("--model", help="served model; default: the server's first base model")
     chat.add_argument("--max-tokens", type=int, default=256)
@@ -65,12 +66,11 @@ def _chat(args: argparse.Namespace) -> None:
     import openai
 
     try:
-        selection = [parse_spec(spec) for spec in args.capability]
+        extra = capabilities_extra_body(args.capability) if args.capability else {}
     except ValueError as err:
         raise SystemExit(f"unlockctl: {err}") from None
     client = openai.OpenAI(base_url=args.base_url.rstrip("/") + "/v1", api_key=args.api_key or "none")
     model = args.model or next(m.id for m in client.models.list().data if getattr(m, "parent", None) is None)
-    extra = capabilities_extra_body(dict(selection)) if selection else {}
     request = dict(
         model=model,
         messages=[{"role": "user", "content": args.message}],

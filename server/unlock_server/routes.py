@@ -43,7 +43,13 @@ async def upload_capability(
 
 @router.get("/v1/capabilities")
 async def list_capabilities(service: Service) -> dict[str, Any]:
-    return {"object": "list", "data": service.list(), "registry": service.sync_status()}
+    # max_strength: the limit this server puts on |strength|, so a client (the playground) need not guess it
+    return {
+        "object": "list",
+        "data": service.list(),
+        "max_strength": service.max_strength,
+        "registry": service.sync_status(),
+    }
 
 
 @router.get("/v1/capabilities/{name}")

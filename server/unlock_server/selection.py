@@ -1,4 +1,5 @@
-"""Parse a request's capability selection: the `capabilities` body field and `<served>+name@strength` models.
+"""Parse a request's capability selection: the `capabilities` body field and the model-name form,
+`<served>+name@strength:positions`.
 
 Pure functions with no registry access: they turn user input into `Choice`s or raise `APIError(400)`.
 Resolution against the registry happens in `service.CapabilityService.resolve`.
@@ -98,20 +99,25 @@ def parse_field(value: Any, max_abs: float) -> list[Choice]:
 
 
 def parse_model_suffix(suffix: str, max_abs: float) -> list[Choice]:
-    """`cot@0.15+math` (what follows `<served>+`) into choices."""
+    """`cot@0.15:all+math` (what follows `<served>+`) into choices: `name[@strength][:positions]`, the form
+    of the `x-unlock-capabilities` header."""
     choices = []
     for part in suffix.split("+"):
-        name, sep, raw = part.partition("@")
+        head, colon, positions = part.partition(":")
+        name, sep, raw = head.partition("@")
         if not name:
-            raise _bad(f"empty capability name in model suffix {suffix!r}; write <model>+name[@strength]")
-        if not sep:
-            choices.append(Choice(name, None))
-            continue
-        try:
-            value = float(raw)
-        except ValueError:
-            raise _bad(f"strength of capability {_show(name)} must be a number, got {_show(raw)}") from None
-        choices.append(Choice(name, check_strength(name, value, max_abs)))
+            expected = "<model>+name[@strength][:positions]"
+            raise _bad(f"empty capability name in model suffix {_show(suffix)}; write {expected}")
+        strength = None
+        if sep:
+            try:
+                value = float(raw)
+            except ValueError:
+                raise _bad(
+                    f"strength of capability {_show(name)} must be a number, got {_show(raw)}"
+                ) from None
+            strength = check_strength(name, value, max_abs)
+        choices.append(Choice(name, strength, check_positions(name, positions) if colon else None))
     return choices
 
 

@@ -47,8 +47,18 @@ def test_selection_helpers():
         "capabilities": [{"name": "cot", "strength": 0.15}],
         "seed": 1,
     }
+    assert capabilities_extra_body(["cot:all", "math@0.05:generated"]) == {
+        "capabilities": [
+            {"name": "cot", "positions": "all"},
+            {"name": "math", "strength": 0.05, "positions": "generated"},
+        ]
+    }
     assert model_with_capabilities("m", ["cot@0.15", "math"]) == "m+cot@0.15+math"
-    assert parse_spec("cot") == ("cot", None)
+    assert model_with_capabilities("m", ["cot@0.15:all", "math:prompt"]) == "m+cot@0.15:all+math:prompt"
+    assert parse_spec("cot") == ("cot", None, None)
+    assert parse_spec("cot@-0.5:generated") == ("cot", -0.5, "generated")
+    with pytest.raises(ValueError, match="empty positions"):
+        parse_spec("cot@1:")
     with pytest.raises(ValueError, match="not a number"):
         parse_spec("cot@high")
 

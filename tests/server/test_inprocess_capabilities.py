@@ -49,7 +49,9 @@ def test_upload_is_registered_listed_shown_and_used(config):
         assert cap["name"] == "steer" and cap["layers"] == [0, 1, 2, 3] and cap["default_strength"] == 3.0
         assert cap["sha256"] in api.app.state.unlock_service.workers.registered  # before the 201
         assert steered_sha(api, "steer") == cap["sha256"]
-        assert [c["name"] for c in api.get("/v1/capabilities").json()["data"]] == ["steer"]
+        listed = api.get("/v1/capabilities").json()
+        assert [c["name"] for c in listed["data"]] == ["steer"]
+        assert listed["max_strength"] == 10.0  # the limit on |strength|, for clients such as the playground
         shown = api.get("/v1/capabilities/steer").json()
         norms = Capability.from_bytes(STEER).target_directions().norm(dim=-1).tolist()
         assert [row["layer"] for row in shown["per_layer"]] == [0, 1, 2, 3]

@@ -69,6 +69,17 @@ def test_selection_becomes_the_wire_selection_vllm_receives(api, shas, route, ca
         assert r.headers["x-unlock-capabilities"] == header
 
 
+def test_a_model_name_carries_positions_in_the_form_of_the_response_header(api, shas):
+    r = api.post(
+        "/v1/completions", json=request_body("/v1/completions", model="tiny+steer@0.5:all+boost:generated")
+    )
+    assert r.status_code == 200, r.text
+    want = encode_selection([(shas["steer"], 0.5, "rotate", "all"), (shas["boost"], 2.0, "add", "generated")])
+    assert r.json()["received"]["vllm_xargs"] == {EXTRA_ARGS_KEY: want}
+    header = r.headers["x-unlock-capabilities"]
+    assert sorted(header.split(",")) == ["boost@2:generated", "steer@0.5:all"]
+
+
 @pytest.mark.parametrize("route", STEERING_ROUTES)
 def test_unsteered_request_reaches_vllm_as_sent(api, route):
     sent = request_body(route, vllm_xargs={"other_plugin": 1}, temperature=0)
@@ -92,6 +103,8 @@ REFUSALS = {
     "strength infinite in model name": ({"model": "tiny+steer@inf"}, "finite"),
     "strength nan in model name": ({"model": "tiny+steer@nan"}, "finite"),
     "strength garbage in model name": ({"model": "tiny+steer@x"}, "must be a number"),
+    "positions unknown in model name": ({"model": "tiny+steer@1:middle"}, "positions of capability 'steer'"),
+    "empty name in model name": ({"model": "tiny+:all"}, "empty capability name"),
     "boolean strength": ({"capabilities": [{"name": "steer", "strength": True}]}, "must be a number"),
     "unknown key": ({"capabilities": [{"name": "steer", "weight": 1}]}, "unknown keys"),
     "bad item": ({"capabilities": [3]}, "must be a name"),

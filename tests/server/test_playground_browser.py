@@ -28,6 +28,7 @@ WAIT_S = 300  # a hang guard for the page's requests on a loaded machine, not a 
 HOSTILE = '<img src=x onerror="document.title=`pwned`">'  # no single quote: repr() in messages keeps it as is
 TITLE = "unlock-serve playground"
 SWEEP = [0.0, 0.5, 1.0, 2.0, 3.0]
+MAX_STRENGTH = 8.0
 
 
 def artifact(
@@ -59,7 +60,8 @@ def bearer(key: str) -> dict[str, str]:
 def server(tiny_target_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("playground")
     keys = ("--api-key", API_KEY, "--admin-key", ADMIN_KEY)
-    proc = tiny_server(tiny_target_model, tmp / "registry", tmp / "server.log", *keys).start()
+    limit = {"UNLOCK_MAX_STRENGTH": f"{MAX_STRENGTH:g}"}  # not the default: the page must ask the server
+    proc = tiny_server(tiny_target_model, tmp / "registry", tmp / "server.log", *keys, env=limit).start()
     for data in (STEER, MARKUP):
         r = httpx.post(f"{proc.url}/v1/capabilities", content=data, headers=bearer(ADMIN_KEY), timeout=120)
         assert r.status_code == 201, r.text
@@ -220,6 +222,10 @@ def test_steered_and_unsteered_answers_stream_side_by_side_as_the_api_gives_them
 def test_a_sweep_charts_one_point_per_strength(server, driver):
     set_value(driver, find(driver, "#sweep-capability"), "steer")
     field = find(driver, "#sweep-strengths")
+    field.clear()
+    field.send_keys("0, 9")  # past this server's limit: refused on the page, no request sent
+    find(driver, "#run-sweep").click()
+    assert find(driver, "#sweep-message").text == "strengths must be numbers within ±8, separated by commas"
     field.clear()
     field.send_keys(", ".join(f"{s:g}" for s in SWEEP))
     find(driver, "#run-sweep").click()

@@ -128,6 +128,9 @@ def test_positions_are_chosen_per_request(server):
     # The first token is predicted from the prompt alone, which `generated` leaves unedited.
     first = [x.json()["choices"][0]["logprobs"]["token_logprobs"][0] for x in (generated, plain)]
     assert first[0] == pytest.approx(first[1], abs=1e-5)
+    by_name = complete(server, model="tiny+gen:generated")  # the model-name form of the same selection
+    assert by_name.headers["x-unlock-capabilities"] == "gen@1:generated"
+    assert by_name.json()["choices"][0]["text"] == texts[1]
     assert_400(
         complete(server, capabilities=[{"name": "gen", "positions": "middle"}]),
         "positions of capability 'gen'",

@@ -5,10 +5,10 @@ import { APIError, call, getKey, setKey, stream } from "./api.js";
 import { barChart, lineChart } from "./charts.js";
 import { $, el, fmt, say, show } from "./dom.js";
 
-const MAX_STRENGTH = 10; // the server's default limit (UNLOCK_MAX_STRENGTH): beyond it a request is a 400
 const TOP_LOGPROBS = 20; // vLLM's default cap on returned log-probabilities
 const POSITIONS = ["last_prompt", "prompt", "generated", "all"]; // the tokens a capability edits (unlock.ops)
-const state = { model: null, capabilities: [], chosen: new Map() };
+// maxStrength: the server's limit on |strength| (GET /v1/capabilities says it): beyond it a request is a 400
+const state = { model: null, capabilities: [], maxStrength: Infinity, chosen: new Map() };
 
 const errorText = (err) => (err instanceof APIError ? `${err.status}: ${err.message}` : String(err?.message ?? err));
 
@@ -25,7 +25,9 @@ async function load() {
   try {
     const models = (await call("/v1/models")).body.data;
     state.model = (models.find((m) => !m.parent) ?? models[0]).id;
-    state.capabilities = (await call("/v1/capabilities")).body.data;
+    const listed = (await call("/v1/capabilities")).body;
+    state.capabilities = listed.data;
+    state.maxStrength = listed.max_strength;
   } catch (err) {
     return askForKey(err instanceof APIError && err.status < 500 ? err.message : errorText(err));
   }
@@ -48,7 +50,7 @@ function layersText(layers) {
 }
 
 function strengthSlider(cap, choice) {
-  const span = Math.min(MAX_STRENGTH, Math.max(1, Math.abs(cap.default_strength) * 4));
+  const span = Math.min(state.maxStrength, Math.max(1, Math.abs(cap.default_strength) * 4));
   const output = el("output", { class: "strength-value" }, fmt(choice.strength));
   const slider = el("input", {
     type: "range", class: "cap-strength", min: -span, max: span, step: span / 200,
@@ -196,8 +198,8 @@ async function runPrompt(event) {
 // ---- strength sweep
 function parseStrengths(text) {
   const values = text.split(/[\s,]+/).filter(Boolean).map(Number);
-  if (!values.length || values.some((v) => !Number.isFinite(v) || Math.abs(v) > MAX_STRENGTH)) {
-    throw new Error(`strengths must be numbers within ±${MAX_STRENGTH}, separated by commas`);
+  if (!values.length || values.some((v) => !Number.isFinite(v) || Math.abs(v) > state.maxStrength)) {
+    throw new Error(`strengths must be numbers within ±${state.maxStrength}, separated by commas`);
   }
   return values;
 }
