@@ -379,7 +379,7 @@ def stage_report(args: argparse.Namespace) -> str:
         lines += [f"- chosen: {choice['unlock']['name']} at {choice['unlock']['strength']:g}"]
     text = "\n".join(lines)
     (args.out / "report.md").write_text(text + "\n")
-    for figure in draw_all(args.out):
+    for figure in draw_all(args.out, ROWS):
         print(f"wrote {figure}")
     return text
 
