@@ -264,7 +264,9 @@ def test_admins_upload_and_delete_and_see_the_server_s_errors_as_text(server, dr
     find(driver, "#upload").click()
     message = lambda d: find(d, "#admin-message").text  # noqa: E731
     wait(driver, lambda d: message(d).startswith("403"), "the 403")
-    wrong = httpx.post(f"{server.url}/v1/capabilities", content=FRESH, headers=bearer("not-the-admin-key"))
+    wrong = httpx.post(
+        f"{server.url}/v1/capabilities", content=FRESH, headers=bearer("not-the-admin-key"), timeout=60
+    )
     assert message(driver) == f"403: {wrong.json()['error']['message']}"
     assert "fresh" not in listed(driver)
 
@@ -273,8 +275,11 @@ def test_admins_upload_and_delete_and_see_the_server_s_errors_as_text(server, dr
     field.send_keys(ADMIN_KEY)
     find(driver, "#upload").click()
     wait(driver, lambda d: message(d).startswith("Uploaded"), "the upload")
-    assert "fresh" in listed(driver)
-    assert httpx.get(f"{server.url}/v1/capabilities/fresh", headers=bearer(API_KEY)).status_code == 200
+    wait(driver, lambda d: "fresh" in listed(d), "the list after the upload")  # refreshed after the message
+    assert (
+        httpx.get(f"{server.url}/v1/capabilities/fresh", headers=bearer(API_KEY), timeout=60).status_code
+        == 200
+    )
 
     # A name made of markup: the server refuses it and the page shows the server's words, as text.
     refused = httpx.post(
@@ -295,7 +300,10 @@ def test_admins_upload_and_delete_and_see_the_server_s_errors_as_text(server, dr
     delete.click()
     wait(driver, lambda d: "fresh" not in listed(d), "the delete")
     assert message(driver) == "Deleted fresh."
-    assert httpx.get(f"{server.url}/v1/capabilities/fresh", headers=bearer(API_KEY)).status_code == 404
+    assert (
+        httpx.get(f"{server.url}/v1/capabilities/fresh", headers=bearer(API_KEY), timeout=60).status_code
+        == 404
+    )
 
 
 def test_the_browser_enforces_the_content_security_policy(server, driver):
