@@ -80,18 +80,20 @@ def evaluated_rows(out: Path, rows: Sequence[str]) -> Path | None:
     if not counts:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
+    tops = []
     for x, (row, correct, total) in enumerate(counts):
         share = correct / max(total, 1)
         low, high = wilson_interval(correct, total)
+        tops.append(100 * high)
         ax.bar(x, 100 * share, color="tab:orange" if row == "unlock" else "tab:grey")
         ax.errorbar(
             x, 100 * share, yerr=[[100 * (share - low)], [100 * (high - share)]], color="black", capsize=4
         )
         ax.annotate(
-            f"{correct}/{total}", (x, 100 * high), textcoords="offset points", xytext=(0, 3), ha="center"
+            f"{correct}/{total}", (x, tops[-1]), textcoords="offset points", xytext=(0, 3), ha="center"
         )
     ax.set_xticks(range(len(counts)), [row for row, _, _ in counts], rotation=20)
-    ax.set_ylim(0, 100 * max(wilson_interval(c, t)[1] for _, c, t in counts) * 1.15)  # room for the labels
+    ax.set_ylim(0, max(tops) * 1.15)  # room for the labels
     ax.set_ylabel("GSM8K accuracy, evaluated items (%)")
     return _save(fig, ax, f"Evaluated rows, 95% Wilson intervals ({out.name})", out / "evaluated_rows.png")
 

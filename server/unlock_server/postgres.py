@@ -108,10 +108,13 @@ class PostgresCoordination:
     def hold_liveness(self) -> None:
         """Take this writer's advisory lock on a connection of its own (once; again after it dropped)."""
         with self._session_lock:
-            if self._session is not None and not self._session.closed and not self._session.broken:
+            if self._session_usable():
                 return
             self._session = self._connect(autocommit=True)
             self._session.execute("SELECT pg_advisory_lock(%s)", (self._lock_key,))
+
+    def _session_usable(self) -> bool:
+        return self._session is not None and not self._session.closed and not self._session.broken
 
     def close(self) -> None:
         self._joined = False
@@ -120,7 +123,7 @@ class PostgresCoordination:
                 # Unlock before closing: the server frees a closed session's locks only once its backend has
                 # exited, a moment after close() returns, and a writer opening then would think us alive.
                 # (A writer that dies without closing is freed that way, a moment later.)
-                if not self._session.closed and not self._session.broken:
+                if self._session_usable():
                     try:
                         self._session.execute("SELECT pg_advisory_unlock(%s)", (self._lock_key,))
                     except self.psycopg.Error:

@@ -90,6 +90,11 @@ def driver(tmp_path_factory):
     browser.quit()
 
 
+def shown_status(server, name: str) -> int:
+    """The status of `GET /v1/capabilities/{name}`, asked of the API directly."""
+    return httpx.get(f"{server.url}/v1/capabilities/{name}", headers=bearer(API_KEY), timeout=60).status_code
+
+
 def shot(driver, name: str) -> None:
     driver.save_screenshot(str(SHOTS / f"{name}.png"))
 
@@ -276,10 +281,7 @@ def test_admins_upload_and_delete_and_see_the_server_s_errors_as_text(server, dr
     find(driver, "#upload").click()
     wait(driver, lambda d: message(d).startswith("Uploaded"), "the upload")
     wait(driver, lambda d: "fresh" in listed(d), "the list after the upload")  # refreshed after the message
-    assert (
-        httpx.get(f"{server.url}/v1/capabilities/fresh", headers=bearer(API_KEY), timeout=60).status_code
-        == 200
-    )
+    assert shown_status(server, "fresh") == 200
 
     # A name made of markup: the server refuses it and the page shows the server's words, as text.
     refused = httpx.post(
@@ -300,10 +302,7 @@ def test_admins_upload_and_delete_and_see_the_server_s_errors_as_text(server, dr
     delete.click()
     wait(driver, lambda d: "fresh" not in listed(d), "the delete")
     assert message(driver) == "Deleted fresh."
-    assert (
-        httpx.get(f"{server.url}/v1/capabilities/fresh", headers=bearer(API_KEY), timeout=60).status_code
-        == 404
-    )
+    assert shown_status(server, "fresh") == 404
 
 
 def test_the_browser_enforces_the_content_security_policy(server, driver):
