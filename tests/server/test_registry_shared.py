@@ -13,9 +13,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psycopg
 import pytest
 from unlock_server.coordination import coordination_for
 from unlock_server.errors import APIError
+from unlock_server.postgres import LIVE_WRITERS, PostgresCoordination
 from unlock_server.registry import Registry
 
 from tests.server.test_registry import entry, stage
@@ -220,3 +222,18 @@ def test_a_writer_killed_with_sigkill_is_seen_dead_and_its_leftovers_collected(r
     c.open()
     c.close()
     assert list(a.blobs.iterdir()) == [] and list(a.tmp.iterdir()) == []
+
+
+def test_a_closed_postgres_writer_is_not_live_the_moment_close_returns(postgres_url):
+    """close() releases the advisory lock itself: left to the connection's end, the lock outlives close()
+    until the server's backend has exited, and a writer looking then sees the closed one as alive (and keeps
+    its pins). Twenty rounds, each looking from an open connection right after close(): without the explicit
+    unlock, at least one round sees the lock (checked by removing it)."""
+    with psycopg.connect(postgres_url, autocommit=True) as observer:
+        for _ in range(20):
+            closing = PostgresCoordination(postgres_url)
+            with closing.locked() as tx:
+                tx.join()
+            assert closing.owner in {o for (o,) in observer.execute(LIVE_WRITERS).fetchall()}
+            closing.close()
+            assert closing.owner not in {o for (o,) in observer.execute(LIVE_WRITERS).fetchall()}
