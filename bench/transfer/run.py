@@ -197,7 +197,7 @@ class Server:
         cmd = [
             str(BIN / "unlock-serve"), "--model", str(a.target), "--served-model-name", "target",
             "--port", str(self.port), "--host", "127.0.0.1", "--admin-key", ADMIN_KEY,
-            "--capabilities-dir", str(a.out / "registry"), "--dtype", "float32",
+            "--capabilities-dir", str(a.out / "registry"), "--dtype", a.dtype,
             "--max-model-len", str(a.max_tokens + 1024), "--kv-cache-memory-bytes", str(4 << 30),
             "--max-num-seqs", str(a.batch),
         ]  # fmt: skip
@@ -377,6 +377,7 @@ def stage_report(args: argparse.Namespace) -> str:
         lines += ["", f"Tuning split ({choice['tune_items']} items, unsteered {choice['tune_direct']:.1%}):"]
         lines += [f"- {k}: {v:.1%}" for k, v in choice["tune_scores"].items()]
         lines += [f"- chosen: {choice['unlock']['name']} at {choice['unlock']['strength']:g}"]
+    lines += ["", f"Served in {args.dtype}, greedy, at most {args.max_tokens} new tokens."]
     text = "\n".join(lines)
     (args.out / "report.md").write_text(text + "\n")
     for figure in draw_all(args.out, ROWS):
@@ -409,6 +410,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="the server's dtype (bfloat16: about 2x faster on a CPU with avx512_bf16)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random control")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -417,6 +424,15 @@ def parse_args() -> argparse.Namespace:
     args.tune_items = range(*map(int, args.tune_range.split(":")))
     if set(args.eval_items) & set(args.tune_items):
         p.error("--eval-range and --tune-range overlap: choices must be made on unevaluated items")
+    # Every per-item file in --out must come from one serving setup: a resumed run may not change it.
+    settings = {"dtype": args.dtype, "max_tokens": args.max_tokens}
+    settings_path = args.out / "settings.json"
+    if settings_path.exists():
+        saved = json.loads(settings_path.read_text())
+        if saved != settings:
+            p.error(f"{args.out} holds results served with {saved}; this run asks {settings}")
+    elif args.stage != "report":
+        settings_path.write_text(json.dumps(settings, indent=2) + "\n")
     return args
 
 
