@@ -164,8 +164,7 @@ def random_control(chosen: Path, target: Path, seed: int) -> Capability:
         mode=capability.mode,
         default_strength=capability.default_strength,
         target=target_info(target, capability.target_num_layers, capability.target_hidden_size),
-        metadata={"control": f"random, seed {seed}, per-layer norms of {capability.name}"},
-    )
+    )  # no metadata key says "control": its provenance is this function, --seed and choice.json
 
 
 def build_controls(args: argparse.Namespace, choice: dict) -> dict[str, Path]:
