@@ -56,7 +56,10 @@ BIN = REPO / ".venv" / "bin"
 ADMIN_KEY = "bench-admin"
 ROWS = ("direct", "unlock", "control-random", "control-mean-axis", "cot", "same-model")
 # `unlock align` options a control replaces: it keeps the chosen candidate's rows, not its fit settings.
-FIT_OPTIONS = {"--rank": 1, "--ridge": 1, "--select-layers": 1, "--layers": 1, "--center": 0, "--store": 1}
+FIT_OPTIONS = {
+    "--rank": 1, "--ridge": 1, "--select-layers": 1, "--layers": 1, "--center": 0, "--no-center": 0,
+    "--store": 1,
+}  # fmt: skip
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -174,10 +177,19 @@ def build_controls(args: argparse.Namespace, choice: dict) -> dict[str, Path]:
     if not paths["control-random"].exists():
         random_control(chosen, args.target, args.seed).save(paths["control-random"])
     candidate_args = shlex.split(dict(args.candidate)[name.removeprefix("xfer-")])
-    layers = ",".join(map(str, Capability.load(chosen).layers))
-    mean_axis = [*without_fit_options(candidate_args), "--rank", "1", "--ridge", "0", "--layers", layers]
-    paths["control-mean-axis"] = align(args, "control-mean-axis", mean_axis)
+    layers = Capability.load(chosen).layers
+    paths["control-mean-axis"] = align(args, "control-mean-axis", mean_axis_args(candidate_args, layers))
+    meta = Capability.load(paths["control-mean-axis"]).metadata
+    if (meta.get("center"), meta.get("rank")) != ("false", "1"):
+        raise RuntimeError(f"control-mean-axis is not the rank-1 uncentred map: {meta}")
     return paths
+
+
+def mean_axis_args(candidate_args: list[str], layers: list[int]) -> list[str]:
+    """`unlock align` arguments of the mean-axis control: the candidate's rows, fit uncentred at rank 1 with
+    no ridge (the map then sends every direction onto the target's mean stream axis), at its layers."""
+    fit = ["--rank", "1", "--ridge", "0", "--no-center", "--layers", ",".join(map(str, layers))]
+    return [*without_fit_options(candidate_args), *fit]
 
 
 class Server:
