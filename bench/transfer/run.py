@@ -44,6 +44,7 @@ import torch
 from openai import AsyncOpenAI
 
 sys.path.insert(0, str(Path(__file__).parent))
+from control_args import mean_axis_args  # noqa: E402
 from plots import draw_all  # noqa: E402
 from scoring import gold_answer, mcnemar_exact, parse_answer, wilson_interval  # noqa: E402
 
@@ -55,11 +56,6 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = REPO / ".venv" / "bin"
 ADMIN_KEY = "bench-admin"
 ROWS = ("direct", "unlock", "control-random", "control-mean-axis", "cot", "same-model")
-# `unlock align` options a control replaces: it keeps the chosen candidate's rows, not its fit settings.
-FIT_OPTIONS = {
-    "--rank": 1, "--ridge": 1, "--select-layers": 1, "--layers": 1, "--center": 0, "--no-center": 0,
-    "--store": 1,
-}  # fmt: skip
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -76,19 +72,6 @@ def run_logged(cmd: list[str], log: Path) -> None:
     print("$", shlex.join(cmd), flush=True)
     with log.open("w") as f:
         subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT)
-
-
-def without_fit_options(align_args: list[str]) -> list[str]:
-    """A candidate's `unlock align` arguments less its fit settings (FIT_OPTIONS, with their values)."""
-    kept, skip = [], 0
-    for token in align_args:
-        if skip:
-            skip -= 1
-        elif token in FIT_OPTIONS:
-            skip = FIT_OPTIONS[token]
-        else:
-            kept.append(token)
-    return kept
 
 
 def extracted_file(args: argparse.Namespace, role: str) -> Path:
@@ -183,13 +166,6 @@ def build_controls(args: argparse.Namespace, choice: dict) -> dict[str, Path]:
     if (meta.get("center"), meta.get("rank")) != ("false", "1"):
         raise RuntimeError(f"control-mean-axis is not the rank-1 uncentred map: {meta}")
     return paths
-
-
-def mean_axis_args(candidate_args: list[str], layers: list[int]) -> list[str]:
-    """`unlock align` arguments of the mean-axis control: the candidate's rows, fit uncentred at rank 1 with
-    no ridge (the map then sends every direction onto the target's mean stream axis), at its layers."""
-    fit = ["--rank", "1", "--ridge", "0", "--no-center", "--layers", ",".join(map(str, layers))]
-    return [*without_fit_options(candidate_args), *fit]
 
 
 class Server:

@@ -1,4 +1,5 @@
-"""The transfer experiment's controls are built with the settings they claim (bench/transfer/run.py)."""
+"""The transfer experiment's mean-axis control is built with the settings it claims
+(bench/transfer/control_args.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench" / "transfer"))
-from run import mean_axis_args  # noqa: E402
+from control_args import mean_axis_args  # noqa: E402
 
 CANDIDATE = [
     "--align-positions", "all", "--align-data", "texts.jsonl", "--center", "--rank", "full",
