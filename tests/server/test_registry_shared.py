@@ -230,10 +230,14 @@ def test_a_closed_postgres_writer_is_not_live_the_moment_close_returns(postgres_
     its pins). Twenty rounds, each looking from an open connection right after close(): without the explicit
     unlock, at least one round sees the lock (checked by removing it)."""
     with psycopg.connect(postgres_url, autocommit=True) as observer:
+
+        def live() -> set[str]:
+            return {owner for (owner,) in observer.execute(LIVE_WRITERS).fetchall()}
+
         for _ in range(20):
             closing = PostgresCoordination(postgres_url)
             with closing.locked() as tx:
                 tx.join()
-            assert closing.owner in {o for (o,) in observer.execute(LIVE_WRITERS).fetchall()}
+            assert closing.owner in live()
             closing.close()
-            assert closing.owner not in {o for (o,) in observer.execute(LIVE_WRITERS).fetchall()}
+            assert closing.owner not in live()
