@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from control_args import mean_axis_args  # noqa: E402
 from plots import draw_all  # noqa: E402
 from scoring import gold_answer, mcnemar_exact, parse_answer, wilson_interval  # noqa: E402
+from serving_settings import SettingsMismatch, resolve_settings  # noqa: E402
 
 from unlock import Capability, TargetInfo  # noqa: E402
 from unlock.pipeline import Extracted  # noqa: E402
@@ -395,13 +396,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eval-range", default="0:200", help="GSM8K test items evaluated (start:stop)")
     p.add_argument("--tune-range", default="1000:1100", help="GSM8K test items for tuning, never evaluated")
     p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
-    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--max-tokens", type=int, help="at most this many new tokens (default: --out's, else 512)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument(
         "--dtype",
         choices=["float32", "bfloat16"],
-        default="float32",
-        help="the server's dtype (bfloat16: about 2x faster on a CPU with avx512_bf16)",
+        help="the server's dtype (default: --out's, else float32; bfloat16: 2x faster on an avx512_bf16 CPU)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random control")
     args = p.parse_args()
@@ -411,15 +411,13 @@ def parse_args() -> argparse.Namespace:
     args.tune_items = range(*map(int, args.tune_range.split(":")))
     if set(args.eval_items) & set(args.tune_items):
         p.error("--eval-range and --tune-range overlap: choices must be made on unevaluated items")
-    # Every per-item file in --out must come from one serving setup: a resumed run may not change it.
-    settings = {"dtype": args.dtype, "max_tokens": args.max_tokens}
-    settings_path = args.out / "settings.json"
-    if settings_path.exists():
-        saved = json.loads(settings_path.read_text())
-        if saved != settings:
-            p.error(f"{args.out} holds results served with {saved}; this run asks {settings}")
-    elif args.stage != "report":
-        settings_path.write_text(json.dumps(settings, indent=2) + "\n")
+    try:
+        settings = resolve_settings(
+            args.out, {"dtype": args.dtype, "max_tokens": args.max_tokens}, record=args.stage != "report"
+        )
+    except SettingsMismatch as e:
+        p.error(str(e))
+    args.dtype, args.max_tokens = settings["dtype"], settings["max_tokens"]
     return args
 
 
