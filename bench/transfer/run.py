@@ -46,7 +46,7 @@ from openai import AsyncOpenAI
 sys.path.insert(0, str(Path(__file__).parent))
 from control_args import mean_axis_args  # noqa: E402
 from plots import draw_all  # noqa: E402
-from scoring import gold_answer, mcnemar_exact, parse_answer, wilson_interval  # noqa: E402
+from scoring import gold_answer, paired_change, parse_answer, wilson_interval  # noqa: E402
 from serving_settings import SettingsMismatch, resolve_settings  # noqa: E402
 
 from unlock import Capability, TargetInfo  # noqa: E402
@@ -339,6 +339,7 @@ def stage_report(args: argparse.Namespace) -> str:
         path = args.out / f"eval-{row}.jsonl"
         if path.exists():
             results[row] = {r["index"]: r for r in read_jsonl(path) if r["index"] in indices}
+    correct_by_row = {row: {i: r["correct"] for i, r in res.items()} for row, res in results.items()}
     lines = [
         "| row | correct | n | accuracy | 95% CI | mean tokens | hit token cap | vs direct (exact McNemar) |",
         "|---|---|---|---|---|---|---|---|",
@@ -350,15 +351,20 @@ def stage_report(args: argparse.Namespace) -> str:
         toks = sum(r["tokens"] for r in res.values()) / max(n, 1)
         capped = sum(r["finish"] == "length" for r in res.values())
         versus = ""
-        if row != "direct" and "direct" in results:
-            common = results["direct"].keys() & res.keys()
-            b = sum(res[i]["correct"] and not results["direct"][i]["correct"] for i in common)
-            c = sum(results["direct"][i]["correct"] and not res[i]["correct"] for i in common)
-            versus = f"{b} gained, {c} lost, p = {mcnemar_exact(b, c):.2g}"
+        if row != "direct" and "direct" in correct_by_row:
+            versus = paired_change(correct_by_row["direct"], correct_by_row[row])
         lines.append(
             f"| {row} | {correct} | {n} | {correct / max(n, 1):.1%} | [{lo:.1%}, {hi:.1%}] | {toks:.0f} | "
             f"{capped} | {versus} |"
         )
+    others = [row for row in correct_by_row if row != "direct"]
+    if len(others) > 1:
+        lines += ["", "Each row against each later one, on the same items (exact McNemar):"]
+        lines += [
+            f"- {a} -> {b}: {paired_change(correct_by_row[a], correct_by_row[b])}"
+            for k, a in enumerate(others)
+            for b in others[k + 1 :]
+        ]
     choice_path = args.out / "choice.json"
     if choice_path.exists():
         choice = json.loads(choice_path.read_text())

@@ -70,3 +70,11 @@ def mcnemar_exact(b: int, c: int) -> float:
     k = min(b, c)
     tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
     return min(1.0, 2 * tail)
+
+
+def paired_change(base: dict[int, bool], other: dict[int, bool]) -> str:
+    """`other` against `base` on the items both answered (index -> correct): gained, lost, exact McNemar p."""
+    common = base.keys() & other.keys()
+    gained = sum(other[i] and not base[i] for i in common)
+    lost = sum(base[i] and not other[i] for i in common)
+    return f"{gained} gained, {lost} lost, p = {mcnemar_exact(gained, lost):.2g}"

@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench" / "transfer"))
-from scoring import gold_answer, mcnemar_exact, normalise_number, parse_answer, wilson_interval  # noqa: E402
+from scoring import (  # noqa: E402
+    gold_answer,
+    mcnemar_exact,
+    normalise_number,
+    paired_change,
+    parse_answer,
+    wilson_interval,
+)
 
 
 @pytest.mark.parametrize(
@@ -49,3 +56,10 @@ def test_mcnemar_exact_is_the_two_sided_binomial_tail():
     assert mcnemar_exact(2, 8) == mcnemar_exact(8, 2)
     assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(1, 1) == 1.0
     assert mcnemar_exact(46, 2) == pytest.approx(8.4e-12, rel=0.02)  # the unlock row of docs/RESULTS.md
+
+
+def test_paired_change_counts_discordant_items_on_the_items_both_rows_answered():
+    base = {0: True, 1: False, 2: False, 3: True, 4: False}
+    other = {0: True, 1: True, 2: True, 3: False, 5: True}  # 4 unanswered here, 5 not in base: both ignored
+    assert paired_change(base, other) == f"2 gained, 1 lost, p = {mcnemar_exact(2, 1):.2g}"
+    assert paired_change(other, base) == f"1 gained, 2 lost, p = {mcnemar_exact(1, 2):.2g}"
