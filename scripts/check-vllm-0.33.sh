@@ -6,8 +6,10 @@
 #   2. the seam and wiring tests (tests/patches/test_seams.py: every seam resolves, plugin registration wraps
 #      every seam and sets no environment variable, the V1 and V2 runner methods, their fields and call
 #      order, the runner choice, the refusals, the data-parallel fan-out) and the patch's unit tests
-#      (tests/patches/test_units.py), against 0.33's own classes; and that the CLI never asks torch for a
-#      GPU before vLLM starts its engine core.
+#      (tests/patches/test_units.py), against 0.33's own classes; that the CLI never asks torch for a
+#      GPU before vLLM starts its engine core; every Triton kernel compiled ahead of time to a cubin for
+#      sm_80 and sm_90 with the wheel's own Triton (tests/patches/test_triton_aot.py), and the op's CUDA
+#      path free of host syncs (tests/patches/test_cuda_path.py).
 # Usage: bash scripts/check-vllm-0.33.sh [--save]   (--save also writes docs/checks/vllm-0.33.txt)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,8 +33,9 @@ set +e  # keep going to the report; the status is the group's
   "$venv/bin/unlock-serve" --help > "$log.help" 2> "$log.err" || { cat "$log.err"; exit 1; }
   echo "exit 0, $(wc -l < "$log.help") lines; unlock-serve's own flags (--help=unlock-serve):"
   "$venv/bin/unlock-serve" --help=unlock-serve 2> /dev/null | grep -E "^  --"
-  echo "## 2. seam, wiring and unit tests of tests/patches"
+  echo "## 2. seam, wiring and unit tests of tests/patches; the Triton kernels compiled for sm_80/sm_90"
   "$venv/bin/python" -m pytest tests/patches/test_seams.py tests/patches/test_units.py \
+    tests/patches/test_triton_aot.py tests/patches/test_cuda_path.py \
     tests/server/test_start_refusals.py::test_start_does_not_ask_torch_for_a_gpu \
     -p no:cacheprovider -q -r fEp -o addopts="" 2>&1 | grep -vE "Warning|warnings.warn|^$"
 } 2>&1 | tee "$log"

@@ -17,19 +17,28 @@ class Staging:
     contents) and are scattered on the device with `index_copy_`, stream-ordered before the forward.
     """
 
-    def __init__(self, token_row: torch.Tensor, terms: tuple[torch.Tensor, ...], ring: int = 3) -> None:
+    def __init__(
+        self,
+        token_row: torch.Tensor,
+        terms: tuple[torch.Tensor, ...],
+        ring: int = 3,
+        copies: bool | None = None,
+    ) -> None:
+        """copies: stage in host buffers and copy to the device (default: unless the device is the CPU; a
+        CPU test may ask for it to check the copy path without a GPU, with unpinned buffers and no events)."""
         self.token_row, self.terms = token_row, terms  # terms: (cap, strength, op) device tensors [R, J]
-        self.cpu = token_row.device.type == "cpu"
-        if self.cpu:
+        self.copies = token_row.device.type != "cpu" if copies is None else copies
+        if not self.copies:
             self.ring = [(token_row, None, None, None)]
         else:
             rows = terms[0].shape[0]
+            cuda = token_row.device.type == "cuda"
             self.ring = [
                 (
-                    torch.zeros(token_row.shape, dtype=token_row.dtype, pin_memory=True),
-                    torch.zeros(rows, dtype=torch.int64, pin_memory=True),
-                    tuple(torch.zeros(t.shape, dtype=t.dtype, pin_memory=True) for t in terms),
-                    torch.cuda.Event(),
+                    torch.zeros(token_row.shape, dtype=token_row.dtype, pin_memory=cuda),
+                    torch.zeros(rows, dtype=torch.int64, pin_memory=cuda),
+                    tuple(torch.zeros(t.shape, dtype=t.dtype, pin_memory=cuda) for t in terms),
+                    torch.cuda.Event() if cuda else None,
                 )
                 for _ in range(ring)
             ]
@@ -49,7 +58,7 @@ class Staging:
     def stage_rows(self, rows: list[int], host_terms: tuple[np.ndarray, ...]) -> None:
         """Term rows changed on the host since the last upload (on CPU they are already in place)."""
         self.changed = len(rows)
-        if self.cpu or not rows:
+        if not self.copies or not rows:
             return
         _, row_ids, contents, _ = self.ring[self.turn]
         row_ids.numpy()[: len(rows)] = rows
@@ -58,7 +67,7 @@ class Staging:
 
     def upload(self) -> None:
         token_row, row_ids, contents, uploaded = self.ring[self.turn]
-        if uploaded is None:
+        if not self.copies:
             return
         self.token_row.copy_(token_row, non_blocking=True)
         n = self.changed
@@ -67,4 +76,5 @@ class Staging:
             for scratch, staged, table in zip(self.contents, contents, self.terms, strict=True):
                 scratch[:n].copy_(staged[:n], non_blocking=True)
                 table.index_copy_(0, self.row_ids[:n], scratch[:n])
-        uploaded.record()
+        if uploaded is not None:
+            uploaded.record()

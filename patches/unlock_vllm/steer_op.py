@@ -5,7 +5,7 @@ and graphed regions instead of splitting the graph. The CPU kernel is the refere
 `unlock.ops.steer_hidden` (it touches only the steered tokens and composes each term row once; on CPU the op
 runs eagerly, with no graph capture, so it may branch on the indices). The CUDA kernel is always the fused
 Triton kernel (as eager torch ops the math costs 13-28% of a GPU layer): `check_cuda_kernel` builds and runs
-it at model load, so a machine where Triton cannot build (no C compiler for its launcher) fails at start.
+it at model load, so a machine where it cannot compile or launch fails at start, saying which.
 The token-row buffer is longer than the batch (fixed address) and is sliced to the hidden's token count
 inside the kernels, so that slice stays symbolic under compile.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from unlock.ops import steer_hidden
-from unlock_vllm.triton_steer import steer_triton  # imports anywhere: Triton itself is imported under a guard
+from unlock_vllm.triton_steer import COMPILE_ERRORS, steer_triton  # imports anywhere (Triton is guarded)
 
 
 @torch.library.custom_op("unlock::steer", mutates_args=())
@@ -58,13 +58,24 @@ def check_cuda_kernel(device: torch.device, dtype: torch.dtype) -> None:
         got = steer_triton(*args)
         torch.cuda.synchronize(device)
     except Exception as exc:
-        raise RuntimeError(
-            f"unlock: the fused Triton steering kernel does not build or run on {device} "
-            f"({type(exc).__name__}: {exc}); Triton needs a C compiler (cc) at run time to build its launcher"
-        ) from exc
+        raise RuntimeError(kernel_failure(device, exc)) from exc
     want = steer_hidden(*args)
     if not torch.allclose(got.float(), want.float(), atol=1e-2, rtol=1e-2):
         raise RuntimeError(f"unlock: the Triton steering kernel disagrees with the reference on {device}")
+
+
+def kernel_failure(device: torch.device, exc: Exception) -> str:
+    """Why the kernel's first launch failed, the real exception first: a Triton compile error is a bug in the
+    kernel, not a missing tool on the machine, and is named as such."""
+    if isinstance(exc, COMPILE_ERRORS):
+        return (
+            f"unlock: Triton could not compile the fused steering kernel for {device} "
+            f"({type(exc).__name__}: {exc}); this is a bug in unlock_vllm/triton_steer.py"
+        )
+    return (
+        f"unlock: the fused Triton steering kernel failed its first launch on {device} "
+        f"({type(exc).__name__}: {exc})"
+    )
 
 
 @steer.register_kernel("cuda")

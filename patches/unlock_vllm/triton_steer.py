@@ -1,8 +1,16 @@
 """The CUDA kernel of `unlock::steer`: one fused Triton kernel with the math of `unlock.ops.steer_hidden`.
 
 Why fused: the reference math is a dozen small torch ops per steered layer; on a GPU each is a launch and a
-pass over [T, d], which costs 13-28% of a 7B layer's projections. One kernel with one program per token row
-reads the row once when it is not steered and a few times when it is (the rows stay in cache).
+pass over [T, d], which costs 13-28% of a 7B layer's projections.
+
+Design: one program per token, holding the token's whole row in registers (BLOCK = the hidden size rounded up
+to a power of two, spread over enough warps that each thread keeps about 16 values of each row it holds).
+Every input element is read once and every output element written once, in one dependent chain of four
+memory round trips: the hidden row and the token's term row index (in parallel), the term row, the gate and
+table rows of its live terms (in parallel with the residual), then the store. The kernel before this one
+walked the row in chunks of TILE // J columns, serially, one to three passes: up to 3 * d / 256 dependent
+round trips per token, which at decode sizes (T <= 64, a few programs on a GPU of 132 SMs) was latency, not
+bandwidth, and cost 10-36% of a layer. docs/patch.md has the cost model.
 
 Semantics, per token row t (all arithmetic in float32, loads and stores in the hidden's dtype): the token's
 term row lists up to J terms (capability c_j, strength a_j, operator); w_j = a_j * gate[c_j] and r_j =
@@ -10,12 +18,15 @@ dirs[c_j]. Terms with w_j = 0 do nothing; a token with no live term is copied bi
   s0 = h + residual;  h1 = h + sum_add w_j r_j - sum_ablate w_j (s0 . r_j) r_j
   if a rotate term is live:  s1 = h1 + residual;  u = s1/|s1| + sum_rotate w_j r_j;
                              h' = |s1| u/|u| - residual
-The per-term loads are [J, BLOCK] tiles, masked to live terms. The token-row buffer may be longer than T
-(a fixed address for CUDA graphs); the launch grid, not a slice, limits the kernel to the first T entries.
+summed in the reference's order (the adds, then the ablations, each in term order). The token-row buffer may
+be longer than T (a fixed address for CUDA graphs); the launch grid, not a slice, limits the kernel to the
+first T entries.
 
 Triton is imported under a guard: vLLM on CPU ships a triton without a CPU backend, and a machine may have
 none; this module must import there (the op then never calls it). With TRITON_INTERPRET=1 the kernel runs on
-CPU tensors in Triton's interpreter, which is how the tests check it on machines without a GPU.
+CPU tensors in Triton's interpreter, which is how the tests check its results on machines without a GPU. The
+interpreter does not apply the compiler's rules (a plain global read inside the kernel runs there and fails
+to compile): tests/patches/test_triton_aot.py compiles every variant for sm_80 and sm_90 as well.
 """
 
 import os
@@ -25,20 +36,30 @@ import torch
 try:
     import triton
     import triton.language as tl
+    from triton.compiler.errors import CompilationError
+
+    COMPILE_ERRORS: tuple[type[Exception], ...] = (CompilationError,)
 except ImportError:  # no Triton at all: steer_triton raises a clear error if ever called
     triton = None
+    COMPILE_ERRORS = ()
 
-# Elements of one [J, BLOCK] tile of term rows: BLOCK = this // J (a power of two), so any hidden size works.
-TILE = 2048
-ABLATE, ADD, ROTATE = 1, 2, 3  # unlock.ops operator codes (this file is loaded by path without unlock)
+# unlock.ops's operator codes (this file is loaded by path, without unlock, by bench/gpu/check_steer.py).
+OPERATOR_CODES = {"ablate": 1, "add": 2, "rotate": 3}
+VALUES_PER_THREAD = 8  # of each row a thread holds: sets the warps per program (registers, not spills)
+MAX_WARPS = 32  # 1024 threads, the most a program may have
 
 if triton is not None:
+    # A kernel reads globals only as constexprs: the compiler refuses a plain int (the interpreter does not).
+    ABLATE = tl.constexpr(OPERATOR_CODES["ablate"])
+    ADD = tl.constexpr(OPERATOR_CODES["add"])
+    ROTATE = tl.constexpr(OPERATOR_CODES["rotate"])
 
     @triton.jit
-    def _terms_tile(dirs_ptr, caps, live, dirs_stride, cols, col_mask):
-        """The live terms' table rows on `cols`, float32 [J, BLOCK] (zero for dead terms)."""
-        ptrs = dirs_ptr + caps[:, None] * dirs_stride + cols[None, :]
-        return tl.load(ptrs, mask=live[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+    def _term(cap_ptr, strength_ptr, op_ptr, gate_ptr, base, j):
+        """Term j of a term row: its table row, weight (strength times the layer's gate) and operator."""
+        cap = tl.load(cap_ptr + base + j).to(tl.int64)
+        weight = tl.load(strength_ptr + base + j).to(tl.float32) * tl.load(gate_ptr + cap).to(tl.float32)
+        return cap, weight, tl.load(op_ptr + base + j)
 
     @triton.jit
     def _steer_kernel(
@@ -58,101 +79,67 @@ if triton is not None:
         dirs_stride,
         term_stride,
         NUM_TERMS: tl.constexpr,
-        TERMS: tl.constexpr,  # NUM_TERMS rounded up to a power of two
         HAS_RESIDUAL: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         token = tl.program_id(0).to(tl.int64)
-        row = tl.load(token_row_ptr + token).to(tl.int64)
-        h_ptr = hidden_ptr + token * hidden_stride
-        r_ptr = residual_ptr + token * residual_stride
-        o_ptr = out_ptr + token * out_stride
-        js = tl.arange(0, TERMS)
-        in_row = js < NUM_TERMS
-        caps = tl.load(cap_ptr + row * term_stride + js, mask=in_row, other=0).to(tl.int64)
-        strength = tl.load(strength_ptr + row * term_stride + js, mask=in_row, other=0.0).to(tl.float32)
-        ops = tl.load(op_ptr + row * term_stride + js, mask=in_row, other=0)
-        weight = strength * tl.load(gate_ptr + caps).to(tl.float32)  # [J]; row 0 has only dead terms
-        w_ablate = tl.where(ops == ABLATE, weight, 0.0)
-        w_add = tl.where(ops == ADD, weight, 0.0)
-        w_rotate = tl.where(ops == ROTATE, weight, 0.0)
-        n_ablate = tl.sum((w_ablate != 0).to(tl.int32), axis=0)
-        n_edit = n_ablate + tl.sum((w_add != 0).to(tl.int32), axis=0)
-        n_rotate = tl.sum((w_rotate != 0).to(tl.int32), axis=0)
-        if n_edit + n_rotate == 0:
-            # Not steered here (almost every token): a plain copy, bit for bit.
-            for start in range(0, hidden_size, BLOCK):
-                cols = start + tl.arange(0, BLOCK)
-                mask = cols < hidden_size
-                tl.store(o_ptr + cols, tl.load(h_ptr + cols, mask=mask), mask=mask)
+        cols = tl.arange(0, BLOCK)
+        in_row = cols < hidden_size
+        # The hidden row does not depend on the term lookup: both loads are in flight at once.
+        h_in = tl.load(hidden_ptr + token * hidden_stride + cols, mask=in_row)
+        base = tl.load(token_row_ptr + token).to(tl.int64) * term_stride
+        n_live = 0
+        n_ablate = 0
+        n_rotate = 0
+        for term in tl.static_range(NUM_TERMS):
+            cap, weight, op = _term(cap_ptr, strength_ptr, op_ptr, gate_ptr, base, term)
+            n_live += (weight != 0).to(tl.int32)
+            n_ablate += ((weight != 0) & (op == ABLATE)).to(tl.int32)
+            n_rotate += ((weight != 0) & (op == ROTATE)).to(tl.int32)
+        o_ptrs = out_ptr + token * out_stride + cols
+        if n_live == 0:
+            # Not steered here (almost every token): the row as loaded, bit for bit.
+            tl.store(o_ptrs, h_in, mask=in_row)
         else:
-            # Ablation coefficients from the incoming stream s0: one pass, all terms at once.
-            dots = tl.zeros([TERMS], dtype=tl.float32)
+            h = h_in.to(tl.float32)
+            res = tl.zeros([BLOCK], dtype=tl.float32)
+            if HAS_RESIDUAL and n_ablate + n_rotate > 0:  # `add` alone never needs the stream
+                res = tl.load(residual_ptr + token * residual_stride + cols, mask=in_row, other=0.0)
+                res = res.to(tl.float32)
+            # A loop, not unrolled: one table row in registers at a time (unrolled, a 70B's rows spill).
+            # A dead term's load is masked off, so each live term costs one round trip, no more.
+            edit = tl.zeros([BLOCK], dtype=tl.float32)
+            rot = tl.zeros([BLOCK], dtype=tl.float32)
+            for j in range(NUM_TERMS):
+                cap, weight, op = _term(cap_ptr, strength_ptr, op_ptr, gate_ptr, base, j)
+                live = cols < tl.where((weight != 0) & (op != ABLATE), hidden_size, 0)
+                row = tl.load(dirs_ptr + cap * dirs_stride + cols, mask=live, other=0.0).to(tl.float32)
+                edit += tl.where(op == ADD, weight, 0.0) * row
+                rot += tl.where(op == ROTATE, weight, 0.0) * row
             if n_ablate > 0:
-                for start in range(0, hidden_size, BLOCK):
-                    cols = start + tl.arange(0, BLOCK)
-                    mask = cols < hidden_size
-                    s0 = tl.load(h_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-                    if HAS_RESIDUAL:
-                        s0 += tl.load(r_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-                    tile = _terms_tile(dirs_ptr, caps, w_ablate != 0, dirs_stride, cols, mask)
-                    dots += tl.sum(tile * s0[None, :], axis=1)
-            coef = w_add - w_ablate * dots  # [J]: each term's multiple of its row in h1 - h
-            edit_live = coef != 0
-            rot_live = w_rotate != 0
-            if n_rotate == 0:
-                for start in range(0, hidden_size, BLOCK):
-                    cols = start + tl.arange(0, BLOCK)
-                    mask = cols < hidden_size
-                    h = tl.load(h_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-                    tile = _terms_tile(dirs_ptr, caps, edit_live, dirs_stride, cols, mask)
-                    h1 = h + tl.sum(coef[:, None] * tile, axis=0)
-                    tl.store(o_ptr + cols, h1.to(out_ptr.dtype.element_ty), mask=mask)
-            else:
-                # Three passes over one row: |s1|, then |u|, then the rotated row.
-                sum_sq = tl.zeros([BLOCK], dtype=tl.float32)
-                for start in range(0, hidden_size, BLOCK):
-                    cols = start + tl.arange(0, BLOCK)
-                    mask = cols < hidden_size
-                    s1 = tl.load(h_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-                    if n_edit > 0:
-                        tile = _terms_tile(dirs_ptr, caps, edit_live, dirs_stride, cols, mask)
-                        s1 += tl.sum(coef[:, None] * tile, axis=0)
-                    if HAS_RESIDUAL:
-                        s1 += tl.load(r_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-                    sum_sq += s1 * s1
-                norm = tl.sqrt(tl.sum(sum_sq, axis=0))
-                safe_norm = tl.maximum(norm, 1e-30)
-                sum_sq_u = tl.zeros([BLOCK], dtype=tl.float32)
-                for start in range(0, hidden_size, BLOCK):
-                    cols = start + tl.arange(0, BLOCK)
-                    mask = cols < hidden_size
-                    s1 = tl.load(h_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-                    if n_edit > 0:
-                        tile = _terms_tile(dirs_ptr, caps, edit_live, dirs_stride, cols, mask)
-                        s1 += tl.sum(coef[:, None] * tile, axis=0)
-                    if HAS_RESIDUAL:
-                        s1 += tl.load(r_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-                    rot_tile = _terms_tile(dirs_ptr, caps, rot_live, dirs_stride, cols, mask)
-                    rot = tl.sum(w_rotate[:, None] * rot_tile, axis=0)
-                    u = tl.where(mask, s1 / safe_norm + rot, 0.0)
-                    sum_sq_u += u * u
-                u_norm = tl.maximum(tl.sqrt(tl.sum(sum_sq_u, axis=0)), 1e-30)
-                for start in range(0, hidden_size, BLOCK):
-                    cols = start + tl.arange(0, BLOCK)
-                    mask = cols < hidden_size
-                    s1 = tl.load(h_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-                    if n_edit > 0:
-                        tile = _terms_tile(dirs_ptr, caps, edit_live, dirs_stride, cols, mask)
-                        s1 += tl.sum(coef[:, None] * tile, axis=0)
-                    res = tl.zeros([BLOCK], dtype=tl.float32)
-                    if HAS_RESIDUAL:
-                        res = tl.load(r_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-                    s1 += res
-                    rot_tile = _terms_tile(dirs_ptr, caps, rot_live, dirs_stride, cols, mask)
-                    rot = tl.sum(w_rotate[:, None] * rot_tile, axis=0)
-                    turned = norm * (s1 / safe_norm + rot) / u_norm
-                    tl.store(o_ptr + cols, (turned - res).to(out_ptr.dtype.element_ty), mask=mask)
+                # Ablations (rare) are measured on the incoming stream s0: a reduction per live term.
+                s0 = h + res
+                for k in range(NUM_TERMS):
+                    cap, weight, op = _term(cap_ptr, strength_ptr, op_ptr, gate_ptr, base, k)
+                    w_ablate = tl.where(op == ABLATE, weight, 0.0)
+                    live = cols < tl.where(w_ablate != 0, hidden_size, 0)
+                    row = tl.load(dirs_ptr + cap * dirs_stride + cols, mask=live, other=0.0).to(tl.float32)
+                    edit -= (w_ablate * tl.sum(s0 * row, axis=0)) * row
+            out = h + edit
+            if n_rotate > 0:
+                s1 = out + res
+                norm = tl.sqrt(tl.sum(s1 * s1, axis=0))
+                u = s1 / tl.maximum(norm, 1e-30) + rot
+                u_norm = tl.maximum(tl.sqrt(tl.sum(u * u, axis=0)), 1e-30)
+                out = norm * u / u_norm - res
+            tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=in_row)
+
+
+def launch_config(hidden_size: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) for a hidden size: the whole row in one tile, about VALUES_PER_THREAD values of it
+    per thread (past MAX_WARPS * 32 * VALUES_PER_THREAD = 16384 columns a thread holds more)."""
+    block = 1 << max(0, hidden_size - 1).bit_length()
+    return block, max(1, min(MAX_WARPS, block // (32 * VALUES_PER_THREAD)))
 
 
 def steer_triton(
@@ -179,9 +166,7 @@ def steer_triton(
     out = torch.empty((num_tokens, hidden_size), dtype=hidden.dtype, device=hidden.device)
     if num_tokens == 0:
         return out
-    num_terms = term_cap.shape[1]
-    terms = triton.next_power_of_2(num_terms)
-    block = min(triton.next_power_of_2(hidden_size), max(16, TILE // terms))
+    block, num_warps = launch_config(hidden_size)
     _steer_kernel[(num_tokens,)](
         hidden,
         hidden if residual is None else residual,  # never read when HAS_RESIDUAL is False
@@ -198,11 +183,10 @@ def steer_triton(
         out.stride(0),
         dirs.stride(0),
         term_cap.stride(0),
-        NUM_TERMS=num_terms,
-        TERMS=terms,
+        NUM_TERMS=term_cap.shape[1],
         HAS_RESIDUAL=residual is not None,
         BLOCK=block,
-        num_warps=max(1, min(8, block // 128)),
+        num_warps=num_warps,
     )
     return out
 

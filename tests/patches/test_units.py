@@ -485,7 +485,7 @@ def test_triton_kernel_matches_the_reference_in_the_interpreter(tmp_path):
     import sys
     from pathlib import Path
 
-    pytest.importorskip("triton", reason="Triton is part of vLLM's install; without it the op never runs it")
+    import triton  # noqa: F401  (part of vLLM's install: missing, this test fails, never skips)
     tests = str(Path(__file__).parent)
     path = str(Path(__file__).parents[2] / "patches" / "unlock_vllm" / "triton_steer.py")
     script = tmp_path / "check.py"
