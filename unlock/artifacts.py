@@ -41,6 +41,7 @@ OPTIONAL_KEYS = (
     "dtype", "alignment", "align_positions", "align_data", "align_field", "align_template", "align_n",
     "align_skip", "n_pairs", "ridge", "cv_folds", "error_kind", "layer_selection", "candidate_layers",
     "candidate_errors", "grid_errors", "positions", "row_norm", "combined_from", "combine_expression",
+    "calibration",
 )  # fmt: skip
 FACTOR_TENSORS = ("source_directions", "align.v_s", "align.m", "align.v_t")
 
@@ -382,6 +383,11 @@ class Capability:
                 f"hidden size {self.target_hidden_size}), but the model has {num_layers} layers, hidden size "
                 f"{hidden_size}; rebuild it with --target set to this model"
             )
+
+    def with_default_strength(self, strength: float, calibration: str) -> Capability:
+        """The same capability with a new default strength and how it was chosen (`unlock calibrate`)."""
+        metadata = {**self.metadata, "default_strength": repr(float(strength)), "calibration": calibration}
+        return Capability(serialize(self.tensors, metadata))
 
     def to_bytes(self) -> bytes:
         return self._data

@@ -9,14 +9,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import fields
+from pathlib import Path
 
 from unlock._version import __version__
 from unlock.align import FULL_RANK
 from unlock.artifacts import Capability
+from unlock.calibrate import DEFAULT_STRENGTHS
 from unlock.combine import combine, parse_expression, resolve
+from unlock.data import load_questions
 from unlock.directions import AGGREGATIONS
 from unlock.ops import MODES, OPERATORS
 from unlock.ops import POSITIONS as STEER_POSITIONS
@@ -34,9 +38,11 @@ from unlock.pipeline import (
     run_capture,
     run_extract,
 )
+from unlock.templates import BUILTIN_TEMPLATES, load_template, render
 from unlock.validation import Limits
 
 EXIT_USAGE = 2
+PACKAGE_DATA = Path(__file__).parent / "data"  # the demo capability's extraction prompts
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -236,7 +242,42 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--ignore-eos", action="store_true")
     generate.add_argument("--json", action="store_true", help="one JSON object per prompt with token ids")
     add_model_options(generate)
+
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="choose a capability's default strength without labels, through a running unlock-serve",
+        description=calibrate_doc(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    calibrate.add_argument("file", help="the capability (.safetensors); rewritten with the chosen default")
+    calibrate.add_argument("--url", required=True, help="the server's root, e.g. http://127.0.0.1:8000")
+    calibrate.add_argument("--api-key", default=os.environ.get("UNLOCK_API_KEY"), help="env UNLOCK_API_KEY")
+    calibrate.add_argument(
+        "--admin-key", default=os.environ.get("UNLOCK_ADMIN_KEY"), help="uploads a probe (UNLOCK_ADMIN_KEY)"
+    )
+    calibrate.add_argument("--model", help="the served model's name (default: the one the server lists)")
+    calibrate.add_argument(
+        "--data", help="unlabelled prompts, JSONL (default: the capability's own extraction data, if found)"
+    )
+    calibrate.add_argument("--field", help="the field of --data holding the prompt (default: the artifact's)")
+    calibrate.add_argument("-n", type=int, default=32, help="prompts (default 32)")
+    calibrate.add_argument("--template", help="direct, cot or a file (default: the capability's locked one)")
+    calibrate.add_argument(
+        "--strengths", type=number_list(float), default=DEFAULT_STRENGTHS, help="comma-separated grid"
+    )
+    calibrate.add_argument("--max-tokens", type=int, default=48, help="tokens generated per prompt (48)")
+    calibrate.add_argument(
+        "--min-fraction", type=float, default=0.5, help="least fraction of prompts switched and on topic"
+    )
+    calibrate.add_argument("-o", "--output", help="where to write the calibrated capability (default: FILE)")
+    calibrate.add_argument("--upload", action="store_true", help="then upload it under its name (replace)")
     return parser
+
+
+def calibrate_doc() -> str:
+    from unlock import calibrate
+
+    return calibrate.__doc__
 
 
 def pick(cls, args: argparse.Namespace):
@@ -349,6 +390,50 @@ def cmd_inspect(args: argparse.Namespace, timer: Timer) -> None:
         print(describe(capability))
 
 
+def calibration_prompts(args: argparse.Namespace, capability: Capability) -> list[str]:
+    """The prompts as a user would send them: the question field only (never an answer), in a template."""
+    meta = capability.metadata
+    data = args.data or meta.get("data")
+    candidates = [Path(data), PACKAGE_DATA / data] if data else []
+    found = next((path for path in candidates if path.is_file()), None)
+    if found is None:
+        raise ValueError(f"no prompts: the capability's data {data!r} is not here; pass --data FILE.jsonl")
+    template = args.template or meta.get("locked_template", "direct")
+    if template not in BUILTIN_TEMPLATES and not Path(template).is_file():
+        template = "direct"  # a template file of the builder's machine: the built-in of the same role
+    questions = load_questions(found, args.field or meta.get("field", "question"), args.n)
+    return [render(load_template(template), question) for question in questions]
+
+
+def cmd_calibrate(args: argparse.Namespace, timer: Timer) -> None:
+    from unlock.calibrate import calibrate_served, table
+
+    capability = Capability.load(args.file)
+    decision = calibrate_served(
+        capability,
+        args.url,
+        calibration_prompts(args, capability),
+        strengths=args.strengths,
+        max_tokens=args.max_tokens,
+        min_fraction=args.min_fraction,
+        model=args.model,
+        api_key=args.api_key,
+        admin_key=args.admin_key,
+    )
+    print(table(decision))
+    if decision.strength is None:
+        raise ValueError(decision.reason)
+    calibrated = capability.with_default_strength(decision.strength, decision.metadata())
+    calibrated.save(args.output or args.file)
+    print(f"{capability.name}: default strength {decision.strength:g} ({decision.reason})")
+    if args.upload:
+        from unlock_client import UnlockClient
+
+        with UnlockClient(args.url, api_key=args.admin_key or args.api_key) as admin:
+            admin.upload_bytes(calibrated.to_bytes(), replace=True)
+        print(f"uploaded as {capability.name!r}")
+
+
 def parse_capability(spec: str) -> tuple[Capability, float, str]:
     """FILE, FILE@STRENGTH or FILE@STRENGTH:POSITIONS (defaults: the capability's own); checked as the
     server checks an upload and a request."""
@@ -383,8 +468,6 @@ def cmd_combine(args: argparse.Namespace, timer: Timer) -> None:
 def cmd_generate(args: argparse.Namespace, timer: Timer) -> None:
     from unlock.capture import format_prompts
     from unlock.steering import steered_generate
-    from unlock.templates import load_template
-
     selection = [parse_capability(spec) for spec in args.capability]  # bad files fail before the model loads
     lm = ModelCache(pick(ModelOptions, args), timer).get(args.model)
     for capability, *_ in selection:
@@ -409,7 +492,8 @@ def cmd_generate(args: argparse.Namespace, timer: Timer) -> None:
 
 
 COMMANDS = {"build": cmd_build, "extract": cmd_extract, "capture": cmd_capture, "align": cmd_align,
-            "inspect": cmd_inspect, "combine": cmd_combine, "generate": cmd_generate}  # fmt: skip
+            "inspect": cmd_inspect, "combine": cmd_combine, "generate": cmd_generate,
+            "calibrate": cmd_calibrate}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -150,3 +151,32 @@ def test_unlockctl_upload_list_show_chat_delete(server, artifact):
     assert unlockctl(server, "delete", "ctl").returncode == 0
     gone = unlockctl(server, "show", "ctl")
     assert gone.returncode != 0 and "HTTP 404" in gone.stderr
+
+
+def test_unlock_calibrate_through_the_server(server, artifact, tmp_path, capsys):
+    """`unlock calibrate` against the real server: a probe uploaded and deleted, greedy generations steered
+    over the grid, prompt logprobs (echo) for PMI, the table printed, then a default written or a clear
+    refusal (random directions on a random model may qualify at no strength)."""
+    from unlock import Capability
+    from unlock.cli import main
+
+    data = tmp_path / "questions.jsonl"
+    data.write_text("".join(f'{{"question": "How many legs do {n} cats have?"}}\n' for n in range(2, 7)))
+    target = tmp_path / "hint.safetensors"
+    target.write_bytes(artifact.read_bytes())
+    args = ["calibrate", str(target), "--url", server.url, "--api-key", API_KEY, "--admin-key", ADMIN_KEY,
+            "--data", str(data), "-n", "4", "--strengths", "0.5,3", "--max-tokens", "8"]  # fmt: skip
+    code = main(args)
+    out, err = capsys.readouterr()
+    assert "strength  switched  on topic qualified" in out
+    assert len([line for line in out.splitlines() if line.strip().startswith(("0.5 ", "3 "))]) == 2
+    if code == 0:
+        calibrated = Capability.load(target)
+        assert calibrated.default_strength in (0.5, 3.0)
+        assert json.loads(calibrated.metadata["calibration"])["prompts"] == 4
+    else:
+        assert code == 2 and "no strength qualifies" in err
+        assert Capability.load(target).default_strength == 3.0  # unchanged
+    with UnlockClient(server.url, api_key=ADMIN_KEY) as client:
+        assert not [c for c in client.list() if c["name"].startswith("calibrate-")]  # the probe is gone
+        assert client.served_model() == "tiny"
