@@ -20,25 +20,17 @@ from unlock.align import FULL_RANK
 from unlock.artifacts import Capability
 from unlock.calibrate import DEFAULT_STRENGTHS
 from unlock.combine import combine, parse_expression, resolve
+from unlock.configs import AlignConfig, CaptureConfig, ExtractConfig
 from unlock.data import load_questions
 from unlock.directions import AGGREGATIONS
+from unlock.extracted import Extracted
+from unlock.model_cache import ModelCache, ModelOptions
 from unlock.ops import MODES, OPERATORS
 from unlock.ops import POSITIONS as STEER_POSITIONS
 from unlock.pairing import POSITIONS
-from unlock.pipeline import (
-    AlignConfig,
-    CaptureConfig,
-    ExtractConfig,
-    Extracted,
-    ModelCache,
-    ModelOptions,
-    Timer,
-    check_build,
-    run_align,
-    run_capture,
-    run_extract,
-)
+from unlock.pipeline import check_build, run_align, run_capture, run_extract
 from unlock.templates import BUILTIN_TEMPLATES, load_template, render
+from unlock.timer import Timer
 from unlock.validation import Limits
 
 EXIT_USAGE = 2

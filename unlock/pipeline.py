@@ -4,23 +4,21 @@ from __future__ import annotations
 
 import json
 import math
-import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
 
 from unlock._version import __version__
-from unlock.align import FULL_RANK, FitSettings, align, rank_label, split_indices
-from unlock.artifacts import Capability, TargetInfo, read_header_metadata, serialize, write_atomic
-from unlock.capture import LoadedModel, capture_last_token, format_prompts, load_model
+from unlock.align import FitSettings, align, rank_label, split_indices
+from unlock.artifacts import Capability, TargetInfo
+from unlock.capture import capture_last_token, format_prompts
+from unlock.configs import AlignConfig, CaptureConfig, ExtractConfig
 from unlock.data import load_questions
 from unlock.directions import extract_directions
+from unlock.extracted import EXTRACTED_TAG, EXTRACTED_VERSION, Extracted
 from unlock.layers import parse_layer_spec
+from unlock.model_cache import ModelCache
 from unlock.ops import POSITIONS as STEER_POSITIONS
 from unlock.ops import operator
 from unlock.pairing import POSITIONS
@@ -28,155 +26,6 @@ from unlock.rows import alignment_rows
 from unlock.streams import Chunk, capture_streams
 from unlock.templates import load_template, template_label
 from unlock.validation import Limits
-
-EXTRACTED_TAG = "unlock.extracted"
-EXTRACTED_VERSION = "1"
-
-
-@dataclass
-class Timer:
-    """Wall time per named stage, in the order the stages first ran."""
-
-    stages: dict[str, float] = field(default_factory=dict)
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - start
-
-    def report(self) -> str:
-        total = sum(self.stages.values()) or 1.0
-        lines = [
-            f"  {name:<28} {seconds:8.2f} s {100 * seconds / total:5.1f}%"
-            for name, seconds in self.stages.items()
-        ]
-        return "\n".join(["where the time went:", *lines, f"  {'total':<28} {total:8.2f} s"])
-
-
-@dataclass
-class ModelOptions:
-    dtype: str = "float32"
-    device: str = "auto"
-    batch_size: int = 8
-    chat: bool = False  # wrap prompts in each model's chat template
-    layers_module: str | None = None  # explicit decoder-layer path, else found by search
-
-
-@dataclass
-class ExtractConfig:
-    source_locked: str
-    data: str
-    source_unlocked: str | None = None  # None: the locked model with the unlocked template
-    field: str = "question"
-    n: int = 64
-    locked_template: str = "direct"
-    unlocked_template: str = "cot"
-    aggregation: str = "mean"
-
-
-@dataclass
-class AlignConfig:
-    target: str
-    name: str
-    # The defaults are what carried the direction in the transfer experiment (docs/unlock.md, "Defaults"):
-    # every token pair, centred, full rank, a ridge chosen by cross-validated map error.
-    ranks: tuple[int, ...] = (FULL_RANK,)  # several: the one of lowest held-out error (FitSettings)
-    center: bool = True
-    ridges: tuple[float, ...] = (0.1, 0.3, 1.0)  # relative to X_s^T X_s (unlock.align); 0: the paper's pinv
-    holdout: float = 0.0  # fraction of alignment texts left out of the fit and scored on
-    cv_folds: int = 5  # with holdout 0: the error by k-fold cross-validation over texts (< 2: none)
-    seed: int = 0
-    align_positions: str = "auto"  # all (every shared token boundary), last, or all where possible
-    align_data: str | None = None  # alignment corpus (JSONL); None: the extraction prompts
-    align_field: str = "question"
-    align_n: int | None = None  # first N texts of the corpus; None: all
-    align_template: str | None = None  # None: the extraction's locked template
-    align_skip: int = 2  # first positions left out of token-level pairs (attention sinks)
-    capture_dir: str | None = None  # all-position store (resumable, reused); None: a temporary one
-    layers: str = "all"
-    select_layers: int | None = None  # steer only the K of `layers` with the lowest held-out map error
-    mode: str = "rotate"
-    positions: str | None = None  # which tokens it edits by default; None: the mode's default
-    strength: float = 0.1
-    store: str = "factors"  # or "directions": dense target directions
-
-
-@dataclass
-class CaptureConfig:
-    """`unlock capture`: every token's stream of one model on a corpus, into a resumable store."""
-
-    model: str
-    data: str
-    capture_dir: str
-    field: str = "question"
-    n: int | None = None  # None: every record
-    template: str = "direct"
-
-
-@dataclass
-class Extracted:
-    """Step 2's output: a direction per source layer, plus what alignment needs to reuse the same prompts."""
-
-    directions: torch.Tensor  # [n_s, d_s]
-    locked_acts: torch.Tensor  # [N, n_s, d_s], source-locked activations
-    metadata: dict[str, str]  # includes the questions and the locked template text
-    # [N, n_s, d_s], source-unlocked activations: kept for research (split-half reliability of the direction);
-    # None in files written before they were saved
-    unlocked_acts: torch.Tensor | None = None
-
-    @property
-    def questions(self) -> list[str]:
-        return json.loads(self.metadata["questions"])
-
-    def save(self, path: str | Path) -> None:
-        tensors = {"directions": self.directions, "locked_activations": self.locked_acts}
-        if self.unlocked_acts is not None:
-            tensors["unlocked_activations"] = self.unlocked_acts
-        write_atomic(path, serialize(tensors, self.metadata))
-
-    @classmethod
-    def load(cls, path: str | Path) -> Extracted:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"extracted file {str(path)!r} does not exist; write one with `unlock extract`")
-        data = path.read_bytes()
-        try:
-            meta = read_header_metadata(data)
-            tensors = load_safetensors(data)
-        except (ValueError, SafetensorError) as err:
-            raise ValueError(f"{path}: not a readable `unlock extract` file: {err}") from None
-        if meta.get("format") != EXTRACTED_TAG or meta.get("format_version") != EXTRACTED_VERSION:
-            raise ValueError(
-                f"{path}: format {meta.get('format')!r} v{meta.get('format_version')}, "
-                f"expected {EXTRACTED_TAG!r} v{EXTRACTED_VERSION}; write it with `unlock extract`"
-            )
-        directions, acts = tensors.get("directions"), tensors.get("locked_activations")
-        n = len(json.loads(meta["questions"]))
-        if directions is None or acts is None or acts.shape[0] != n or acts.shape[1:] != directions.shape:
-            raise ValueError(f"{path}: tensors disagree with each other or with its {n} questions")
-        unlocked = tensors.get("unlocked_activations")
-        if unlocked is not None and unlocked.shape != acts.shape:
-            raise ValueError(f"{path}: its unlocked activations do not have the shape of its locked ones")
-        if not all(torch.isfinite(x).all() for x in (directions, acts, unlocked) if x is not None):
-            raise ValueError(f"{path}: holds non-finite values")
-        return cls(directions, acts, meta, unlocked)
-
-
-class ModelCache:
-    """Loads each model once per command: the same-model and source-is-target cases reuse the instance."""
-
-    def __init__(self, options: ModelOptions, timer: Timer):
-        self.options, self.timer, self.models = options, timer, {}
-
-    def get(self, name: str) -> LoadedModel:
-        if name not in self.models:
-            with self.timer.stage(f"load {Path(name).name or name}"):
-                o = self.options
-                self.models[name] = load_model(name, o.dtype, o.device, o.layers_module)
-        return self.models[name]
 
 
 def check_build(extract: ExtractConfig, align_config: AlignConfig, models: ModelCache) -> None:

@@ -10,19 +10,18 @@ from __future__ import annotations
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from unlock.align import RowsFn
 from unlock.capture import LoadedModel, capture_last_token, format_prompts
+from unlock.configs import AlignConfig
 from unlock.data import load_questions
+from unlock.extracted import Extracted
+from unlock.model_cache import ModelCache
 from unlock.pairing import corpus_pairs
 from unlock.streams import capture_streams, load_layer
 from unlock.templates import load_template, template_label
-
-if TYPE_CHECKING:  # pipeline imports this module
-    from unlock.pipeline import AlignConfig, Extracted, ModelCache
 
 
 def alignment_rows(

@@ -42,8 +42,8 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from unlock.align import FitSettings, depth_map, fit_decomposed, layer_fits  # noqa: E402
 from unlock.data import load_questions  # noqa: E402
+from unlock.extracted import Extracted  # noqa: E402
 from unlock.pairing import corpus_pairs  # noqa: E402
-from unlock.pipeline import Extracted  # noqa: E402
 from unlock.rows import flat_rows  # noqa: E402
 from unlock.streams import load_layer, open_store, store_dir_of  # noqa: E402
 from unlock.templates import load_template, render  # noqa: E402

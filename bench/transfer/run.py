@@ -50,7 +50,7 @@ from scoring import gold_answer, paired_change, parse_answer, wilson_interval  #
 from serving_settings import SettingsMismatch, resolve_settings  # noqa: E402
 
 from unlock import Capability, TargetInfo  # noqa: E402
-from unlock.pipeline import Extracted  # noqa: E402
+from unlock.extracted import Extracted  # noqa: E402
 from unlock.templates import ANSWER_CLOSE, BUILTIN_TEMPLATES, render  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]

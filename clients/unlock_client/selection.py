@@ -4,41 +4,19 @@ names."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
-# The capabilities a request chooses, as a person writes them: NAME[@STRENGTH][:POSITIONS] specs, or a
-# {name: strength} mapping (None: the capability's default). The server parses the same into `Choice`s.
+from unlock_client.spec import Spec, format_spec, parse_spec
+
+# The capabilities a request chooses, as a person writes them: NAME[@STRENGTH][:POSITIONS] specs (`spec`), or
+# a {name: strength} mapping (None: the capability's default).
 Choices = Iterable[str] | Mapping[str, float | None]
-
-
-class Spec(NamedTuple):
-    name: str
-    strength: float | None = None  # None: the capability's default strength
-    positions: str | None = None  # None: the capability's own (last_prompt, prompt, generated or all)
 
 
 def _items(choices: Choices) -> list[Spec]:
     if isinstance(choices, Mapping):
         return [Spec(str(name), strength) for name, strength in choices.items()]
     return [parse_spec(spec) for spec in choices]
-
-
-def parse_spec(spec: str) -> Spec:
-    """`NAME`, `NAME@STRENGTH`, `NAME:POSITIONS` or `NAME@STRENGTH:POSITIONS` (what `unlockctl chat
-    --capability` takes, and the form of the `x-unlock-capabilities` header). The server checks the values."""
-    head, colon, positions = spec.partition(":")
-    name, sep, raw = head.partition("@")
-    if not name:
-        raise ValueError(f"empty capability name in {spec!r}; write NAME[@STRENGTH][:POSITIONS]")
-    if colon and not positions:
-        raise ValueError(f"empty positions in {spec!r}; write NAME:generated, for example")
-    strength = None
-    if sep:
-        try:
-            strength = float(raw)
-        except ValueError:
-            raise ValueError(f"strength in {spec!r} is not a number; write NAME@0.15") from None
-    return Spec(name, strength, positions or None)
 
 
 def capabilities_extra_body(choices: Choices, **extra: Any) -> dict[str, Any]:
@@ -53,9 +31,4 @@ def capabilities_extra_body(choices: Choices, **extra: Any) -> dict[str, Any]:
 
 def model_with_capabilities(model: str, choices: Choices) -> str:
     """The `<model>+name@s:positions` form for clients that cannot send extra body fields."""
-    parts = []
-    for name, strength, positions in _items(choices):
-        parts.append(
-            name + ("" if strength is None else f"@{strength:g}") + (f":{positions}" if positions else "")
-        )
-    return "+".join([model, *parts])
+    return "+".join([model, *(format_spec(spec) for spec in _items(choices))])

@@ -23,8 +23,7 @@ from typing import Any
 
 from unlock.ops import POSITIONS, edits_depend_on_prompt_end, first_edited
 from unlock_vllm.request import EXTRA_ARGS_KEY, decode_selection
-
-_WRAPPED = "__unlock_wrapped__"
+from unlock_vllm.wrapping import WRAPPED
 
 
 def fingerprint(request: Any) -> str | None:
@@ -67,7 +66,7 @@ def _with_fingerprint(original):
             return keys, next_mm_idx
         return (*(keys or ()), *extra), next_mm_idx
 
-    setattr(generate_block_hash_extra_keys, _WRAPPED, True)
+    setattr(generate_block_hash_extra_keys, WRAPPED, True)
     return generate_block_hash_extra_keys
 
 
@@ -80,7 +79,7 @@ def wire() -> None:
     kv_cache_utils = seams.get("kv_cache_utils")
 
     original = kv_cache_utils.generate_block_hash_extra_keys
-    if getattr(original, _WRAPPED, False):
+    if getattr(original, WRAPPED, False):
         return
     wrapped = _with_fingerprint(original)
     kv_cache_utils.generate_block_hash_extra_keys = wrapped

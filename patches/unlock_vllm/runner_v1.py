@@ -8,7 +8,8 @@
 from __future__ import annotations
 
 from unlock_vllm import seams
-from unlock_vllm.runners import STATE_ATTR, wrap
+from unlock_vllm.state import STATE_ATTR
+from unlock_vllm.wrapping import wrap
 
 
 def _update_states(original):

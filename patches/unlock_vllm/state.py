@@ -28,6 +28,7 @@ from unlock_vllm.tables import TermRows
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's configured "vllm" logger
 
+STATE_ATTR = "unlock_state"  # the model runner's attribute holding its SteeringState
 UNSTEERED = (0,) * len(TOKEN_CLASSES)
 
 

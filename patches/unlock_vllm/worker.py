@@ -11,7 +11,7 @@ from typing import Any
 
 from unlock.validation import ArtifactError
 from unlock_vllm.registry import RegistryFull
-from unlock_vllm.runners import STATE_ATTR
+from unlock_vllm.state import STATE_ATTR
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's configured "vllm" logger
 

@@ -59,15 +59,10 @@ def build_demo(model_dir: Path, out: Path) -> Path:
     """Same model as source and target: `direct` locked vs `cot` unlocked, on the bundled questions."""
     if out.exists():
         return out
-    from unlock.pipeline import (
-        AlignConfig,
-        ExtractConfig,
-        ModelCache,
-        ModelOptions,
-        Timer,
-        run_align,
-        run_extract,
-    )
+    from unlock.configs import AlignConfig, ExtractConfig
+    from unlock.model_cache import ModelCache, ModelOptions
+    from unlock.pipeline import run_align, run_extract
+    from unlock.timer import Timer
 
     logger.info("building the demo %r capability for %s (once)", DEMO_NAME, model_dir)
     models = ModelCache(ModelOptions(device="cpu"), Timer())

@@ -23,8 +23,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from .coordination import Manifest
 from .locks import new_owner_id
+from .manifest import Manifest
 
 REGISTRY_LOCK = 0x756E6C6F636B  # "unlock": the transaction lock every change takes first
 SCHEMA = """

@@ -24,8 +24,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .coordination import Coordination, FileCoordination, Manifest, ManifestEntry, Transaction
+from .coordination import Coordination, FileCoordination, Transaction
 from .errors import APIError
+from .manifest import Manifest, ManifestEntry
 
 logger = logging.getLogger(__name__)
 

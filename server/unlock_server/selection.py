@@ -1,8 +1,10 @@
 """Parse a request's capability selection: the `capabilities` body field and the model-name form,
-`<served>+name@strength:positions`.
+`<served>+name@strength:positions` (each part read by the client's parser, `unlock_client.spec`, so both
+sides share one grammar).
 
-Pure functions with no registry access: they turn user input into `Choice`s or raise `APIError(400)`.
-Resolution against the registry happens in `service.CapabilityService.resolve`.
+Pure functions with no registry access: they turn user input into `Choice`s or raise `APIError(400)`, and
+check the values the grammar leaves open (strength limits, position names). Resolution against the
+registry happens in `service.CapabilityService.resolve`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import math
 import reprlib
 from dataclasses import dataclass
 from typing import Any
+
+from unlock_client.spec import SpecError, parse_spec
 
 from unlock.ops import POSITIONS
 
@@ -99,25 +103,17 @@ def parse_field(value: Any, max_abs: float) -> list[Choice]:
 
 
 def parse_model_suffix(suffix: str, max_abs: float) -> list[Choice]:
-    """`cot@0.15:all+math` (what follows `<served>+`) into choices: `name[@strength][:positions]`, the form
-    of the `x-unlock-capabilities` header."""
+    """`cot@0.15:all+math` (what follows `<served>+`) into choices: `name[@strength][:positions]` parts
+    joined by `+`, the form of the `x-unlock-capabilities` header."""
     choices = []
     for part in suffix.split("+"):
-        head, colon, positions = part.partition(":")
-        name, sep, raw = head.partition("@")
-        if not name:
-            expected = "<model>+name[@strength][:positions]"
-            raise _bad(f"empty capability name in model suffix {_show(suffix)}; write {expected}")
-        strength = None
-        if sep:
-            try:
-                value = float(raw)
-            except ValueError:
-                raise _bad(
-                    f"strength of capability {_show(name)} must be a number, got {_show(raw)}"
-                ) from None
-            strength = check_strength(name, value, max_abs)
-        choices.append(Choice(name, strength, check_positions(name, positions) if colon else None))
+        try:
+            spec = parse_spec(part)
+        except SpecError as err:
+            raise _bad(f"model suffix {_show(suffix)}: {err}") from None
+        strength = None if spec.strength is None else check_strength(spec.name, spec.strength, max_abs)
+        positions = None if spec.positions is None else check_positions(spec.name, spec.positions)
+        choices.append(Choice(spec.name, strength, positions))
     return choices
 
 

@@ -16,10 +16,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from unlock_client.spec import Spec, format_spec
+
 from .engine import EngineRPCError, Workers
 from .errors import APIError
+from .manifest import Manifest, ManifestEntry
 from .metrics import Metrics
-from .registry import Manifest, ManifestEntry, Registry, Staged, check_name, name_clash
+from .registry import Registry, Staged, check_name, name_clash
 from .selection import PARAM, Choice
 
 logger = logging.getLogger(__name__)
@@ -42,8 +45,8 @@ class Applied:
 
     @property
     def label(self) -> str:
-        label = f"{self.entry.name}@{self.strength:g}"
-        return label if self.positions == default_positions(self.entry) else f"{label}:{self.positions}"
+        own = self.positions == default_positions(self.entry)  # the capability's own go unwritten
+        return format_spec(Spec(self.entry.name, self.strength, None if own else self.positions))
 
     @property
     def wire(self) -> tuple[str, float, str, str]:

@@ -17,7 +17,6 @@ from unlock_client import (
     UnlockClient,
     capabilities_extra_body,
     model_with_capabilities,
-    parse_spec,
 )
 
 API_KEY, ADMIN_KEY = "client-api-key", "client-admin-key"
@@ -38,30 +37,6 @@ def artifact(tmp_path_factory):
     path = tmp_path_factory.mktemp("artifact") / "hint.safetensors"
     path.write_bytes(capability_bytes("hint", seed=5, strength=3.0))
     return path
-
-
-def test_selection_helpers():
-    assert capabilities_extra_body(["cot", "math@0.05"]) == {
-        "capabilities": ["cot", {"name": "math", "strength": 0.05}]
-    }
-    assert capabilities_extra_body({"cot": 0.15}, seed=1) == {
-        "capabilities": [{"name": "cot", "strength": 0.15}],
-        "seed": 1,
-    }
-    assert capabilities_extra_body(["cot:all", "math@0.05:generated"]) == {
-        "capabilities": [
-            {"name": "cot", "positions": "all"},
-            {"name": "math", "strength": 0.05, "positions": "generated"},
-        ]
-    }
-    assert model_with_capabilities("m", ["cot@0.15", "math"]) == "m+cot@0.15+math"
-    assert model_with_capabilities("m", ["cot@0.15:all", "math:prompt"]) == "m+cot@0.15:all+math:prompt"
-    assert parse_spec("cot") == ("cot", None, None)
-    assert parse_spec("cot@-0.5:generated") == ("cot", -0.5, "generated")
-    with pytest.raises(ValueError, match="empty positions"):
-        parse_spec("cot@1:")
-    with pytest.raises(ValueError, match="not a number"):
-        parse_spec("cot@high")
 
 
 def test_sync_client_lifecycle_and_openai_sdk(server, artifact):

@@ -105,6 +105,7 @@ REFUSALS = {
     "strength garbage in model name": ({"model": "tiny+steer@x"}, "must be a number"),
     "positions unknown in model name": ({"model": "tiny+steer@1:middle"}, "positions of capability 'steer'"),
     "empty name in model name": ({"model": "tiny+:all"}, "empty capability name"),
+    "empty positions in model name": ({"model": "tiny+steer@1:"}, "empty positions"),
     "boolean strength": ({"capabilities": [{"name": "steer", "strength": True}]}, "must be a number"),
     "unknown key": ({"capabilities": [{"name": "steer", "weight": 1}]}, "unknown keys"),
     "bad item": ({"capabilities": [3]}, "must be a name"),

@@ -8,7 +8,8 @@ import os
 
 import pytest
 from unlock_server.errors import APIError
-from unlock_server.registry import ManifestEntry, Registry, check_name
+from unlock_server.manifest import ManifestEntry
+from unlock_server.registry import Registry, check_name
 
 
 def entry(name: str, sha256: str) -> ManifestEntry:

@@ -13,7 +13,7 @@ import torch
 
 from unlock import Capability, TargetInfo
 from unlock.cli import main
-from unlock.pipeline import Extracted
+from unlock.extracted import Extracted
 
 UNLOCK = Path(sys.executable).parent / "unlock"
 DEMO = Path(__file__).resolve().parents[2] / "unlock" / "data" / "demo_questions.jsonl"

@@ -24,8 +24,8 @@ from unlock.align import (
 )
 from unlock.capture import capture_last_token, format_prompts, load_model
 from unlock.cli import main
+from unlock.extracted import Extracted
 from unlock.pairing import corpus_pairs, pair_positions
-from unlock.pipeline import Extracted
 from unlock.streams import capture_streams, load_layer, token_ends
 from unlock.templates import load_template
 
