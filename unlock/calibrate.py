@@ -1,7 +1,8 @@
 """`unlock calibrate`: a capability's default strength, chosen without labels, through the served model.
 
-The criterion (docs/unlock.md, "Calibration") was read off the outputs of the labelled sweeps of issue 14;
-its check against their accuracy is still to be run. Steering by a capability direction acts as a switch.
+The criterion (docs/unlock.md, "Calibration") was read off the outputs of the labelled sweeps of issue 14,
+and picks their label-best strengths without seeing a label (bench/calibrate/check.py, docs/RESULTS.md).
+Steering by a capability direction acts as a switch.
 Below a working window the greedy output is the unsteered one; inside it the output changes and still
 answers *its own* prompt; above it the outputs collapse into text that no longer depends on the prompt (the
 same invented option list for every question). So, for each strength on a grid and N unlabelled prompts
