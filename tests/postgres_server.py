@@ -34,26 +34,53 @@ def _run(*cmd: str) -> None:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr or proc.stdout}")
 
 
+class PostgresServer:
+    """A server in a new directory under /tmp (one its user can reach), listening on a Unix socket only;
+    `stop` and `start` it again on the same data (the storage-fault tests take the database away mid-run)."""
+
+    def __init__(self) -> None:
+        self.bin_dir = server_binaries()
+        self.root = Path(tempfile.mkdtemp(prefix="unlock-postgres-"))
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "postgres")
+        self.data, self.sockets, self.log = (self.root / name for name in ("data", "sockets", "server.log"))
+        self.running = False
+        # The URL of its `postgres` database (superuser, trust auth).
+        self.url = f"postgresql://postgres@/postgres?host={self.sockets}"
+
+    def init(self) -> PostgresServer:
+        _run(str(self.bin_dir / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync")
+        _run("mkdir", str(self.sockets))
+        return self
+
+    def start(self) -> None:
+        options = f"-k {self.sockets} -c listen_addresses='' -c fsync=off"
+        pg_ctl = str(self.bin_dir / "pg_ctl")
+        _run(pg_ctl, "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "start")
+        self.running = True
+
+    def stop(self) -> None:
+        """As a crash would: no checkpoint, the next start replays the log."""
+        _run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop")
+        self.running = False
+
+    def remove(self) -> None:
+        try:
+            if self.running:
+                self.stop()
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
 @contextmanager
 def postgres_server() -> Iterator[str]:
-    """Start a server in a new directory under /tmp (one its user can reach); yields a URL of its `postgres`
-    database (superuser, trust auth, a Unix socket only)."""
-    bin_dir = server_binaries()
-    root = Path(tempfile.mkdtemp(prefix="unlock-postgres-"))
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres")
-    data, sockets, log = root / "data", root / "sockets", root / "server.log"
+    """A started `PostgresServer`, removed afterwards; yields the URL of its `postgres` database."""
+    server = PostgresServer()
     try:
-        _run(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync")
-        _run("mkdir", str(sockets))
-        options = f"-k {sockets} -c listen_addresses='' -c fsync=off"
-        _run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w", "start")
-        try:
-            yield f"postgresql://postgres@/postgres?host={sockets}"
-        finally:
-            _run(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
+        server.init().start()
+        yield server.url
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        server.remove()
 
 
 def fresh_database(server_url: str) -> str:

@@ -14,17 +14,21 @@ _TYPES = {
     429: "RateLimitError",
     500: "InternalServerError",
     503: "ServiceUnavailableError",
+    507: "InsufficientStorageError",
 }
 
 
 class APIError(Exception):
     """An error the client caused or must know about; rendered in the OpenAI shape."""
 
-    def __init__(self, status: int, message: str, param: str | None = None):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
+        self.headers = headers or {}  # e.g. Retry-After on a 503 the client should retry
 
     def body(self) -> dict:
         return {
@@ -37,4 +41,4 @@ class APIError(Exception):
         }
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers or None)

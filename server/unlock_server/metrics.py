@@ -47,6 +47,13 @@ class Metrics:
         self.uploads = Counter(
             "unlock_uploads", "Capability uploads by outcome.", ["outcome"], registry=registry
         )
+        self.storage_errors = Counter(
+            "unlock_registry_storage_errors",
+            "Registry writes refused for a storage fault, by cause (no_space, read_only, "
+            "database_unavailable).",
+            ["cause"],
+            registry=registry,
+        )
         self.refusals = Counter(
             "unlock_selection_refusals", "Requests refused for their capability selection.", registry=registry
         )

@@ -26,6 +26,9 @@ from typing import Any
 from .locks import new_owner_id
 from .manifest import Manifest
 
+# Seconds a connection attempt may take unless the URL sets `connect_timeout`: an unreachable database then
+# fails a registry write with 503 (`storage.py`) instead of holding it until the client gives up.
+CONNECT_TIMEOUT_S = 5
 REGISTRY_LOCK = 0x756E6C6F636B  # "unlock": the transaction lock every change takes first
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS unlock_manifest (
@@ -69,6 +72,8 @@ class PostgresCoordination:
     def __init__(self, url: str):
         self.psycopg = _psycopg()
         self.url = url
+        given = self.psycopg.conninfo.conninfo_to_dict(url)
+        self._connect_options = {} if "connect_timeout" in given else {"connect_timeout": CONNECT_TIMEOUT_S}
         self.owner = new_owner_id()
         self.description = "postgresql database " + self._redacted(url)
         self._lock_key = secrets.randbits(62)
@@ -85,7 +90,7 @@ class PostgresCoordination:
         return scheme + sep + rest
 
     def _connect(self, autocommit: bool = False):
-        return self.psycopg.connect(self.url, autocommit=autocommit)
+        return self.psycopg.connect(self.url, autocommit=autocommit, **self._connect_options)
 
     @contextmanager
     def locked(self) -> Iterator[PostgresTransaction]:
@@ -114,7 +119,16 @@ class PostgresCoordination:
             self._session.execute("SELECT pg_advisory_lock(%s)", (self._lock_key,))
 
     def _session_usable(self) -> bool:
-        return self._session is not None and not self._session.closed and not self._session.broken
+        """Whether the liveness connection still holds the lock. A round trip, since a connection the server
+        dropped (a restart) looks open until it is used; one that fails is closed, to be made again."""
+        if self._session is None or self._session.closed or self._session.broken:
+            return False
+        try:
+            self._session.execute("SELECT 1")
+        except self.psycopg.Error:
+            self._session.close()
+            return False
+        return True
 
     def close(self) -> None:
         self._joined = False

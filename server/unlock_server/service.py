@@ -24,6 +24,7 @@ from .manifest import Manifest, ManifestEntry
 from .metrics import Metrics
 from .registry import Registry, Staged, check_name, name_clash
 from .selection import PARAM, Choice
+from .storage import storage_fault
 
 logger = logging.getLogger(__name__)
 
@@ -246,6 +247,11 @@ class CapabilityService:
             # Every refusal counts, bad names and oversized bodies included.
             self.metrics.uploads.labels("rejected").inc()
             raise
+        except Exception as err:
+            fault = self._storage_fault(err, "upload")
+            if fault is None:
+                raise
+            raise fault from err
         finally:
             if staged is not None:
                 staged.path.unlink(missing_ok=True)
@@ -270,7 +276,12 @@ class CapabilityService:
                 manifest, previous = await asyncio.to_thread(self.registry.publish, entry, replace)
             except Exception as err:  # refused, lost the name to another replica, or a disk error
                 await self._retire(staged.sha256)
-                await asyncio.to_thread(self.registry.release, staged.sha256)
+                try:
+                    await asyncio.to_thread(self.registry.release, staged.sha256)
+                except Exception:
+                    # The storage that failed the publish may fail this too (a database that is down): the
+                    # blob stays pinned by this writer, unnamed, and is collected once this writer is gone.
+                    logger.warning("could not release blob %s", staged.sha256[:12], exc_info=True)
                 if isinstance(err, EngineRPCError):
                     # The workers validate with one more fact (the model dtype); a full registry is state.
                     status = {"invalid": 400, "full": 409}.get(err.kind, 500)
@@ -292,7 +303,13 @@ class CapabilityService:
 
     async def delete(self, name: str) -> dict[str, Any]:
         async with self._lock:
-            manifest, entry = await asyncio.to_thread(self.registry.remove, name)
+            try:
+                manifest, entry = await asyncio.to_thread(self.registry.remove, name)
+            except Exception as err:
+                fault = self._storage_fault(err, "delete")
+                if fault is None:
+                    raise
+                raise fault from err
             await self._apply(manifest)
         if entry is None:
             raise APIError(
@@ -300,6 +317,16 @@ class CapabilityService:
             )
         logger.info("capability %r deleted (%d requests still using it)", name, self._in_flight[entry.sha256])
         return {"id": name, "object": "capability", "deleted": True}
+
+    def _storage_fault(self, err: Exception, action: str) -> APIError | None:
+        """The 507/503 to answer for `err` from a registry write when it is a storage fault (a full or
+        read-only volume, an unreachable database; counted), else None."""
+        fault = storage_fault(err, action)
+        if fault is None:
+            return None
+        self.metrics.storage_errors.labels(fault.cause).inc()
+        logger.warning("capability %s refused, %s: %s", action, fault.cause, err)
+        return fault.error
 
     def _referenced(self, sha256: str) -> bool:
         return any(e.sha256 == sha256 for e in self._view.values())

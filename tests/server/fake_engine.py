@@ -21,6 +21,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry
 from starlette.testclient import TestClient
 from unlock_server.app import install
+from unlock_server.coordination import coordination_for
 from unlock_server.metrics import Metrics
 from unlock_server.registry import Registry
 from unlock_server.service import CapabilityService, ModelShape
@@ -95,13 +96,14 @@ def fake_app(gate: asyncio.Event | None = None) -> FastAPI:
 
 
 def settings(tmp_path: Path, **overrides: Any) -> Settings:
-    return Settings(capabilities_dir=tmp_path / "registry", cache_dir=tmp_path / "cache", **overrides)
+    defaults = {"capabilities_dir": tmp_path / "registry", "cache_dir": tmp_path / "cache"}
+    return Settings(**{**defaults, **overrides})
 
 
 def unlock_app(config: Settings, gate: asyncio.Event | None = None) -> FastAPI:
     """The fake engine's app with unlock-serve installed on a registry in `config.registry_dir`."""
     service = CapabilityService(
-        Registry(config.registry_dir),
+        Registry(config.registry_dir, coordination_for(config.registry_dir, config.registry_url)),
         FakeWorkers(),
         ModelShape(served_names=[SERVED], num_layers=NUM_LAYERS, hidden_size=HIDDEN_SIZE),
         Metrics(CollectorRegistry()),
