@@ -41,7 +41,8 @@ OPTIONAL_KEYS = (
     "dtype", "alignment", "align_positions", "align_data", "align_field", "align_template", "align_n",
     "align_skip", "n_pairs", "ridge", "cv_folds", "error_kind", "layer_selection", "candidate_layers",
     "candidate_errors", "grid_errors", "positions", "row_norm", "combined_from", "combine_expression",
-    "calibration",
+    "calibration", "source_locked_config_sha256", "source_unlocked_config_sha256", "target_config_sha256",
+    "source_locked_path", "source_unlocked_path", "target_path",
 )  # fmt: skip
 FACTOR_TENSORS = ("source_directions", "align.v_s", "align.m", "align.v_t")
 

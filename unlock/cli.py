@@ -172,6 +172,15 @@ def add_align_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("-o", "--output", required=True, help="capability file to write (.safetensors)")
 
 
+def add_record_paths(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--record-paths",
+        action="store_true",
+        help="also record the models' folders on this machine (source_locked_path, target_path, ...); "
+        "by default a model is recorded by name, architecture, sizes and config.json hash only",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unlock", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"unlock {__version__}")
@@ -180,11 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     build = commands.add_parser("build", help="extract, align and write a capability in one go")
     add_extract_options(build)
     add_align_options(build)
+    add_record_paths(build)
     add_model_options(build)
 
     extract = commands.add_parser("extract", help="source directions, written to an intermediate file")
     add_extract_options(extract)
     extract.add_argument("-o", "--output", required=True, help="intermediate file to write (.safetensors)")
+    add_record_paths(extract)
     add_model_options(extract)
 
     capture = commands.add_parser(
@@ -202,7 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     align = commands.add_parser("align", help="map an `unlock extract` file into a target: the capability")
     align.add_argument("--extracted", required=True, help="file written by `unlock extract`")
+    align.add_argument(
+        "--source-locked",
+        help="the source-locked model, when the extracted file records only its name (extracted without "
+        "--record-paths) and alignment must capture it (--align-positions other than last, --align-data)",
+    )
     add_align_options(align)
+    add_record_paths(align)
     add_model_options(align)
 
     inspect = commands.add_parser("inspect", help="describe a capability file")
@@ -281,7 +298,7 @@ def cmd_extract(args: argparse.Namespace, timer: Timer) -> None:
     models = ModelCache(pick(ModelOptions, args), timer)
     extracted = run_extract(pick(ExtractConfig, args), models)
     with timer.stage("write"):
-        extracted.save(args.output)
+        extracted.save(args.output, record_paths=args.record_paths)
     print(f"wrote {args.output}: directions for {extracted.directions.shape[0]} source layers")
     print(timer.report())
 

@@ -46,6 +46,9 @@ class AlignConfig:
     positions: str | None = None  # which tokens it edits by default; None: the mode's default
     strength: float = 0.1
     store: str = "factors"  # or "directions": dense target directions
+    # The source-locked model's folder, for an extracted file that records only its name (`unlock align`).
+    source_locked: str | None = None
+    record_paths: bool = False  # record the models' folders in the artifact (`<role>_path`)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
 from unlock.artifacts import read_header_metadata, serialize, write_atomic
+from unlock.identity import without_paths
 
 EXTRACTED_TAG = "unlock.extracted"  # the `format` of its header metadata
 EXTRACTED_VERSION = "1"
@@ -33,11 +34,13 @@ class Extracted:
     def questions(self) -> list[str]:
         return json.loads(self.metadata["questions"])
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, record_paths: bool = False) -> None:
+        """Write the file; the source models' folders only if `record_paths` (their names identify them)."""
         tensors = {"directions": self.directions, "locked_activations": self.locked_acts}
         if self.unlocked_acts is not None:
             tensors["unlocked_activations"] = self.unlocked_acts
-        write_atomic(path, serialize(tensors, self.metadata))
+        metadata = self.metadata if record_paths else without_paths(self.metadata)
+        write_atomic(path, serialize(tensors, metadata))
 
     @classmethod
     def load(cls, path: str | Path) -> Extracted:

@@ -12,11 +12,20 @@ import torch
 from unlock._version import __version__
 from unlock.align import FitSettings, align, rank_label, split_indices
 from unlock.artifacts import Capability, TargetInfo
-from unlock.capture import capture_last_token, format_prompts
+from unlock.capture import LoadedModel, capture_last_token, format_prompts
 from unlock.configs import AlignConfig, CaptureConfig, ExtractConfig
 from unlock.data import load_questions
 from unlock.directions import extract_directions
 from unlock.extracted import EXTRACTED_TAG, EXTRACTED_VERSION, Extracted
+from unlock.identity import (
+    PATH_KEYS,
+    config_sha256,
+    identity,
+    model_name,
+    model_path,
+    source_model,
+    with_legacy_paths,
+)
 from unlock.layers import parse_layer_spec
 from unlock.model_cache import ModelCache
 from unlock.ops import POSITIONS as STEER_POSITIONS
@@ -84,6 +93,19 @@ def same_model(a: str, b: str) -> bool:
     return pa.resolve() == pb.resolve() if pa.exists() and pb.exists() else a == b
 
 
+def is_source(extracted: Extracted, config: AlignConfig, target: LoadedModel) -> bool:
+    """Whether the target is the extraction's source-locked model: by folder when the source's is known (a
+    build, --source-locked, a file extracted with --record-paths), else by name and config hash."""
+    try:
+        return same_model(source_model(extracted.metadata, config.source_locked), target.name)
+    except ValueError:  # a name only
+        meta = extracted.metadata
+        return (meta["source_locked"], meta.get("source_locked_config_sha256")) == (
+            model_name(target.name),
+            config_sha256(target),
+        )
+
+
 def run_extract(config: ExtractConfig, models: ModelCache) -> Extracted:
     """Capture the source with and without the capability; reduce the differences to a direction per layer."""
     opts, timer = models.options, models.timer
@@ -112,8 +134,10 @@ def run_extract(config: ExtractConfig, models: ModelCache) -> Extracted:
     metadata = {
         "format": EXTRACTED_TAG,
         "format_version": EXTRACTED_VERSION,
-        "source_locked": locked.name,
-        "source_unlocked": unlocked.name,
+        "source_locked": model_name(locked.name),
+        "source_unlocked": model_name(unlocked.name),
+        **identity("source_locked", locked),  # the paths stay in memory unless --record-paths (`save`)
+        **identity("source_unlocked", unlocked),
         "source_architecture": locked.architecture,
         "source_num_layers": str(locked.num_layers),
         "source_hidden_size": str(locked.hidden_size),
@@ -156,12 +180,18 @@ def run_align(extracted: Extracted, config: AlignConfig, models: ModelCache) -> 
         raise ValueError(f"unknown --store {config.store!r}; expected 'factors' or 'directions'")
     target = models.get(config.target)
     layers = parse_layer_spec(config.layers, target.num_layers)
-    info = TargetInfo(target.architecture, target.num_layers, target.hidden_size, target.name)
+    info = TargetInfo(target.architecture, target.num_layers, target.hidden_size, model_name(target.name))
     common = dict(layers=layers, mode=config.mode, default_strength=config.strength, target=info)
-    meta = {key: extracted.metadata[key] for key in CARRIED_KEYS}
+    source = with_legacy_paths(extracted.metadata)  # names, also from files that recorded folders there
+    meta = {key: source[key] for key in CARRIED_KEYS}
+    meta.update({key: source[key] for key in IDENTITY_KEYS if key in source})
+    meta["target_config_sha256"] = config_sha256(target)
+    if config.record_paths:  # the builder's folders, only when asked for
+        meta.update({key: source[key] for key in PATH_KEYS if key in source})
+        meta["target_path"] = model_path(target.name)
     if config.positions is not None:
         meta["positions"] = config.positions
-    if same_model(extracted.metadata["source_locked"], target.name):
+    if is_source(extracted, config, target):
         if config.select_layers is not None:
             raise ValueError("--select-layers ranks layers by their map error; a same-model build fits none")
         if extracted.directions.shape != (target.num_layers, target.hidden_size):
@@ -250,3 +280,5 @@ CARRIED_KEYS = (
     "source_locked", "source_unlocked", "source_architecture", "source_num_layers", "source_hidden_size",
     "data", "field", "n", "aggregation", "locked_template", "unlocked_template", "chat_template", "dtype",
 )  # fmt: skip
+# Carried too when the extracted file has them (files written before they were recorded do not).
+IDENTITY_KEYS = ("source_locked_config_sha256", "source_unlocked_config_sha256")

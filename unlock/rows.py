@@ -18,6 +18,7 @@ from unlock.capture import LoadedModel, capture_last_token, format_prompts
 from unlock.configs import AlignConfig
 from unlock.data import load_questions
 from unlock.extracted import Extracted
+from unlock.identity import source_model
 from unlock.model_cache import ModelCache
 from unlock.pairing import corpus_pairs
 from unlock.streams import capture_streams, load_layer
@@ -44,7 +45,7 @@ def alignment_rows(
     positions = config.align_positions
     source = None
     if positions != "last":
-        source = models.get(extracted.metadata["source_locked"])
+        source = models.get(source_model(extracted.metadata, config.source_locked))
         if positions == "auto":
             positions, why = auto_positions(source, target, texts, template, chat)
             print(f"--align-positions auto: {positions} ({why})")
@@ -60,7 +61,7 @@ def alignment_rows(
         "align_n": str(len(texts)),
     }
     if source is None and config.align_data is not None:
-        source = models.get(extracted.metadata["source_locked"])  # captured on the corpus
+        source = models.get(source_model(extracted.metadata, config.source_locked))  # captured on the corpus
     if source is not None and str(source.num_layers) != extracted.metadata["source_num_layers"]:
         raise ValueError(f"source {source.name!r} no longer has the shape recorded in the extracted file")
     if positions == "last":

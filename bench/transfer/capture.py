@@ -77,7 +77,7 @@ def main() -> None:
                 [str(UNLOCK), "extract", "--source-locked", str(args.cache / "models" / item),
                  "--data", str(args.cache / "data" / "math_test.jsonl"), "--field", "problem", "-n", "64",
                  "--locked-template", "direct", "--unlocked-template", "cot", "--aggregation", "mean",
-                 "--batch-size", str(args.batch_size), "--device", "cpu", "-o", str(out)],
+                 "--batch-size", str(args.batch_size), "--device", "cpu", "--record-paths", "-o", str(out)],
                 logs / f"extract-{item}.log",
             )  # fmt: skip
         else:

@@ -89,7 +89,7 @@ def extracted_file(args: argparse.Namespace, role: str) -> Path:
     run_logged(
         [str(BIN / "unlock"), "extract", "--source-locked", str(model), "--data", str(args.extract_data),
          "--field", "problem", "-n", str(args.n), "--locked-template", "direct", "--unlocked-template", "cot",
-         "--aggregation", "mean", "--batch-size", "8", "-o", str(path)],
+         "--aggregation", "mean", "--batch-size", "8", "--record-paths", "-o", str(path)],
         args.out / "artifacts" / f"extract-{role}.log",
     )  # fmt: skip
     return path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -49,7 +50,7 @@ def test_build_writes_a_valid_artifact_and_reports_time(built, tiny_source_model
     assert (capability.name, capability.mode, capability.default_strength) == ("cot", "rotate", 0.5)
     assert capability.layers == [1, 2, 3] and capability.storage == "factors"
     meta = capability.metadata
-    assert meta["source_locked"] == str(tiny_source_model) and meta["target_name"] == str(tiny_target_model)
+    assert meta["source_locked"] == tiny_source_model.name and meta["target_name"] == tiny_target_model.name
     assert (meta["source_num_layers"], meta["source_hidden_size"]) == ("6", "128")
     assert json.loads(meta["source_layers"]) == [1, 3, 5]  # depth map 6 -> 4 layers
     # The defaults: every token pair of every text (auto: both tokenizers are fast), centred, the ridge of
@@ -78,6 +79,43 @@ def test_build_writes_a_valid_artifact_and_reports_time(built, tiny_source_model
     assert sorted(p.name for p in out.parent.iterdir()) == ["cot.safetensors"]  # no temporary files left
 
 
+def config_hash(model: Path) -> str:
+    return hashlib.sha256((model / "config.json").read_bytes()).hexdigest()[:16]
+
+
+def test_the_artifact_identifies_models_without_the_builder_s_paths(
+    built, tiny_source_model, tiny_target_model
+):
+    """No value of the metadata holds a folder of this machine (the models and the output lie under pytest's
+    base temp directory); the models are identified by name, architecture, sizes and config hash."""
+    out, _ = built
+    meta = Capability.load(out).metadata
+    base = str(Path(tiny_source_model).parents[1])  # pytest's basetemp: every folder of this test run
+    assert [key for key, value in meta.items() if base in value or "/tmp/" in value] == []
+    assert not any(key.endswith("_path") for key in meta)
+    assert (meta["source_locked"], meta["source_unlocked"]) == (tiny_source_model.name,) * 2
+    assert (meta["source_architecture"], meta["source_num_layers"], meta["source_hidden_size"]) == (
+        "LlamaForCausalLM", "6", "128",
+    )  # fmt: skip
+    assert (meta["target_name"], meta["target_architecture"]) == (tiny_target_model.name, "Qwen2ForCausalLM")
+    assert (meta["target_num_layers"], meta["target_hidden_size"]) == ("4", "64")
+    assert meta["source_locked_config_sha256"] == config_hash(tiny_source_model)
+    assert meta["source_unlocked_config_sha256"] == config_hash(tiny_source_model)
+    assert meta["target_config_sha256"] == config_hash(tiny_target_model)
+
+
+def test_record_paths_keeps_the_folders(tmp_path, tiny_source_model, tiny_target_model):
+    out = tmp_path / "cot.safetensors"
+    args = build_args(tiny_source_model, tiny_target_model, out, "--record-paths", "--align-positions=last")
+    proc = run_unlock("build", *args)
+    assert proc.returncode == 0, proc.stderr
+    meta = Capability.load(out).metadata
+    assert meta["source_locked_path"] == str(tiny_source_model.resolve())
+    assert meta["source_unlocked_path"] == str(tiny_source_model.resolve())
+    assert meta["target_path"] == str(tiny_target_model.resolve())
+    assert meta["source_locked"] == tiny_source_model.name  # the name keys stay names
+
+
 def test_inspect_describes_the_artifact(built):
     out, _ = built
     proc = run_unlock("inspect", str(out))
@@ -100,15 +138,20 @@ def test_extract_then_align_gives_the_same_artifact_as_build(
         "-n", "24", "--aggregation", "mean", "-o", str(extracted), "--device", "cpu",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
+    assert str(tiny_source_model) not in extracted.read_bytes().decode("latin-1")  # no path without asking
     saved = Extracted.load(extracted)  # both sides' activations: the direction's reliability can be measured
     assert saved.unlocked_acts is not None and saved.unlocked_acts.shape == saved.locked_acts.shape
     mean_diff = (saved.unlocked_acts.double() - saved.locked_acts.double()).mean(0).float()
     assert torch.allclose(mean_diff, saved.directions, atol=1e-6 * saved.directions.abs().max().item())
-    proc = run_unlock(
+    align = [
         "align", "--extracted", str(extracted), "--target", str(tiny_target_model), "--rank", "8",
         "--mode", "rotate", "--strength", "0.5", "--layers", "1-3", "--name", "cot", "-o", str(aligned),
         "--device", "cpu",
-    )  # fmt: skip
+    ]  # fmt: skip
+    # All-position alignment captures the source again: the file names it, so its folder must be given.
+    proc = run_unlock(*align)
+    assert proc.returncode != 0 and "give its folder with --source-locked" in proc.stderr, proc.stderr
+    proc = run_unlock(*align, "--source-locked", str(tiny_source_model))
     assert proc.returncode == 0, proc.stderr
     assert aligned.read_bytes() == out.read_bytes()
 
