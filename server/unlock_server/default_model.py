@@ -27,7 +27,9 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 DEMO_NAME = "cot"
 DEMO_QUESTIONS = 48
-DEMO_STRENGTH = 0.1  # the smallest strength that switched a same-model direction on in ASSETS' runs
+# `unlock calibrate` on the demo's own questions, no labels (bench/calibrate/results/smollm2-demo.json):
+# 50% of the prompts switched and on topic at 0.2, the least that qualifies; its table ships with the demo.
+DEMO_STRENGTH = 0.2
 DEMO_MARKER = ".demo-installed"  # in the registry: the demo is added once, so deleting it sticks
 
 
@@ -72,8 +74,9 @@ def build_demo(model_dir: Path, out: Path) -> Path:
     capability, _ = run_align(
         extracted, AlignConfig(target=str(model_dir), name=DEMO_NAME, strength=DEMO_STRENGTH), models
     )
+    calibration = (demo_questions_path().parent / "demo_calibration.json").read_text(encoding="utf-8")
     out.parent.mkdir(parents=True, exist_ok=True)
-    capability.save(out)
+    capability.with_default_strength(DEMO_STRENGTH, calibration).save(out)
     return out
 
 
@@ -102,5 +105,6 @@ def prepare_default(args: Namespace, settings: Settings) -> Callable[[Capability
     model_dir = convert_gguf(locate_gguf(), settings.cache_dir / "models" / SERVED_NAME)
     args.model = str(model_dir)
     args.served_model_name = args.served_model_name or [SERVED_NAME]
-    demo = build_demo(model_dir, settings.cache_dir / "demo" / f"{SERVED_NAME}-{DEMO_NAME}.safetensors")
+    demo_file = f"{SERVED_NAME}-{DEMO_NAME}-calibrated.safetensors"  # not the uncalibrated builds of before
+    demo = build_demo(model_dir, settings.cache_dir / "demo" / demo_file)
     return install_demo(demo)
