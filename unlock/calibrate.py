@@ -130,14 +130,18 @@ async def measure(
     total = len(prompts) * (len(strengths) + 1)
     bar = tqdm(total=total, desc="calibrate", unit="prompt", disable=not progress)
 
+    pmi_of: dict[tuple[int, str], float] = {}  # an unswitched text scores as the unsteered one did
+
     async def one(i: int, strength: float) -> tuple[str, float]:
         async with gate:
             text = await backend.generate(prompts[i], strength)
-            own, elsewhere = await asyncio.gather(
-                backend.log_likelihood(prompts[i], text), backend.log_likelihood(other[i], text)
-            )
+            if (i, text) not in pmi_of:
+                own, elsewhere = await asyncio.gather(
+                    backend.log_likelihood(prompts[i], text), backend.log_likelihood(other[i], text)
+                )
+                pmi_of[i, text] = own - elsewhere
         bar.update()
-        return text, own - elsewhere
+        return text, pmi_of[i, text]
 
     async def at(strength: float) -> list[tuple[str, float]]:
         return await asyncio.gather(*(one(i, strength) for i in range(len(prompts))))

@@ -40,13 +40,6 @@ def _upload_params(name: str | None, replace: bool) -> dict[str, str]:
     return params
 
 
-def _served_model(models: list[dict[str, Any]]) -> str:
-    names = [m["id"] for m in models if m.get("parent") is None]
-    if len(names) != 1:
-        raise ValueError(f"cannot tell the served model among {names}")
-    return names[0]
-
-
 def _default_base_url() -> str:
     return os.environ.get("UNLOCK_BASE_URL", "http://127.0.0.1:8000")
 
@@ -94,7 +87,10 @@ class UnlockClient:
 
     def served_model(self) -> str:
         """The served model's name (`/v1/models` lists each capability beside it as `<model>+<name>`)."""
-        return _served_model(_check(self._http.get("/v1/models"))["data"])
+        names = [m["id"] for m in _check(self._http.get("/v1/models"))["data"] if m.get("parent") is None]
+        if len(names) != 1:
+            raise ValueError(f"cannot tell the served model among {names}")
+        return names[0]
 
 
 class AsyncUnlockClient:
@@ -137,6 +133,3 @@ class AsyncUnlockClient:
 
     async def health(self) -> dict[str, Any]:
         return _check(await self._http.get("/health"))
-
-    async def served_model(self) -> str:
-        return _served_model(_check(await self._http.get("/v1/models"))["data"])
