@@ -5,8 +5,16 @@ killed (SIGKILL) and restarted in the middle (issue 12). Prints and saves what h
 - steered and unsteered outputs compared with a single server's (the reference is replica A alone after the
   run, each content registered under a name of its own): a steered answer must equal the output of a content
   its name held at some point while the request ran (give or take the poll interval);
-- propagation delay of every upload, replace and delete made through the balancer: from its response until
-  both replicas, asked directly, reflect it (p50, p99, max), and each replica's own histogram;
+- propagation delay of every upload, replace and delete made through the balancer, for uploads and replaces
+  (until usable elsewhere) and for deletes (until refused elsewhere) apart (p50, p99, max), measured twice:
+  - `propagation_s`, from outside: from the write's response until both replicas, asked directly, reflect it.
+    The replicas not yet reflecting it are asked at once every CHECK_S (50 ms) through their capability
+    listing (no blob read); each figure includes that request's own time, long on a loaded machine;
+  - `propagation_measured_by_the_other_replica_s`: the delay the replica the write did not go through
+    reports for it (`registry.propagation`: from the manifest write to the registration there);
+  and each replica's own histogram and syncs by trigger. The replicas hear changes pushed (inotify on the
+  directory, LISTEN/NOTIFY with PostgreSQL) and poll only as the fallback, every POLL_S (the server's
+  default);
 - the end state: both replicas list the same registry, equal to what the admin's successful writes left, with
   nothing lost and no blob left over.
 
@@ -43,7 +51,8 @@ from serve_harness import ServerProcess, capability_bytes, free_port, tiny_serve
 from tiny_models import TARGET, make_model  # noqa: E402
 
 ADMIN_KEY = "lb-admin"
-POLL_S = 1.0
+POLL_S = 2.0  # the fallback poll (the server's default): propagation by push must not depend on it
+CHECK_S = 0.05  # how often the propagation check asks a replica that does not reflect a write yet
 PROMPTS = [
     "Question: A train travels 60 miles in 2 hours. What is its speed?\nAnswer:",
     "Question: Tom has 3 apples and buys 5 more. How many apples does he have?\nAnswer:",
@@ -105,6 +114,9 @@ class Write:
     end: float = 0.0
     status: int = 0
     propagation: float | None = None  # until both replicas reflect it
+    # The other replica's own measure: from the manifest write to its registration there (its
+    # `registry.propagation` once it reflects the write), free of this script's requests.
+    measured_there: float | None = None
     response: str = ""
 
 
@@ -132,14 +144,15 @@ def sha_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def holds(server: ServerProcess, name: str) -> str | None:
-    """The sha256 `server` offers for `name` (ready), None when it does not; raises while it is down."""
-    r = httpx.get(f"{server.url}/v1/capabilities/{name}", headers=headers(), timeout=10)
-    if r.status_code == 404:
-        return None
+def look(server: ServerProcess, name: str) -> tuple[str | None, float | None]:
+    """The sha256 `server` offers for `name` (ready; None when it does not) and its own measure of the last
+    change another replica made; raises while it is down. Reads the listing: one capability's own page also
+    summarizes its blob, too slow for a 50 ms check."""
+    r = httpx.get(f"{server.url}/v1/capabilities", headers=headers(), timeout=10)
     r.raise_for_status()
     body = r.json()
-    return body["sha256"] if body["status"] == "ready" else None
+    found = [c for c in body["data"] if c["name"] == name and c["status"] == "ready"]
+    return (found[0]["sha256"] if found else None), body["registry"]["propagation"]
 
 
 def client_loop(lb: str, run: Run, stop: threading.Event, seed: int) -> None:
@@ -189,25 +202,37 @@ def admin_loop(lb: str, replicas: list[ServerProcess], run: Run, stop: threading
             write.response = r.headers.get("x-upstream", "") if ok else r.text[:300]
             if r.status_code in (200, 201):
                 present.pop(name, None) if write.sha256 is None else present.__setitem__(name, write.sha256)
-                write.propagation = wait_reflected(replicas, run.down, name, write.sha256, write.end)
+                write.propagation, write.measured_there = wait_reflected(
+                    replicas, run.down, name, write.sha256, write.end, write.response
+                )
             with run.lock:
                 run.writes.append(write)
             time.sleep(rng.uniform(0.2, 1.0))
 
 
 def wait_reflected(
-    replicas: list[ServerProcess], down: set[int], name: str, sha: str | None, since: float
-) -> float | None:
-    deadline = since + 60
-    while time.monotonic() < deadline:
-        up = [s for i, s in enumerate(replicas) if i not in down]
-        try:
-            if all(holds(s, name) == sha for s in up):
-                return time.monotonic() - since
-        except httpx.HTTPError:
-            pass  # killed just now
-        time.sleep(0.05)
-    return None
+    replicas: list[ServerProcess], down: set[int], name: str, sha: str | None, since: float, upstream: str
+) -> tuple[float | None, float | None]:
+    """Seconds from `since` until every replica that is up offers `sha` under `name` (None: refuses it), the
+    replicas not yet reflecting it asked at once every CHECK_S (None past a minute); and the delay measured by
+    the replica the write did not go through (`upstream` names the one it did), None if it was down."""
+    pending, there = set(range(len(replicas))), None
+    with ThreadPoolExecutor(len(replicas)) as pool:
+        while time.monotonic() < since + 60:
+            asked = {i: pool.submit(look, replicas[i], name) for i in pending - down}
+            for i, answer in asked.items():
+                try:
+                    held, measured = answer.result()
+                except httpx.HTTPError:
+                    continue  # killed just now
+                if held == sha:
+                    pending.discard(i)
+                    if not upstream.endswith(f":{replicas[i].port}"):
+                        there = measured
+            if not pending - down:
+                return time.monotonic() - since, there
+            time.sleep(CHECK_S)
+    return None, there
 
 
 def nginx(work: Path, a: int, b: int) -> tuple[subprocess.Popen, str]:
@@ -269,6 +294,15 @@ def quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def summary(delays: list[float]) -> dict[str, float | int | None]:
+    return {
+        "n": len(delays),
+        "p50": round(statistics.median(delays), 3) if delays else None,
+        "p99": round(quantile(delays, 0.99), 3) if delays else None,
+        "max": round(max(delays), 3) if delays else None,
+    }
+
+
 def report(run: Run, refs: dict, plain_refs: list[str], killed_port: str, final: dict, args) -> dict:
     codes: dict[str, int] = {}
     in_flight_on_killed = other_5xx = 0
@@ -297,7 +331,12 @@ def report(run: Run, refs: dict, plain_refs: list[str], killed_port: str, final:
                 mismatches.append({**asdict(r), "allowed": sorted(allowed)})
     # Writes made while b was down reached only a; b's restart registered them (checked by the end state).
     both_up = lambda w: not (run.kill_at <= w.end <= run.restarted_at)  # noqa: E731
-    delays = [w.propagation for w in run.writes if w.propagation is not None and both_up(w)]
+    measured = [w for w in run.writes if w.propagation is not None and both_up(w)]
+    kinds = {"upload_or_replace": lambda w: w.sha256 is not None, "delete": lambda w: w.sha256 is None}
+    # upload_or_replace: until usable on the other replica; delete: until refused there.
+    delays = {kind: [w.propagation for w in measured if of(w)] for kind, of in kinds.items()}
+    there = {kind: [w.measured_there for w in measured if of(w) and w.measured_there is not None]
+             for kind, of in kinds.items()}  # fmt: skip
     unpropagated = [asdict(w) for w in run.writes if w.status in (200, 201) and w.propagation is None]
     return {
         "backend": args.backend,
@@ -318,11 +357,14 @@ def report(run: Run, refs: dict, plain_refs: list[str], killed_port: str, final:
             str(s): sum(w.status == s for w in run.writes) for s in sorted({w.status for w in run.writes})
         },
         "writes_while_b_was_down": sum(not both_up(w) for w in run.writes),
+        "poll_interval_s": POLL_S,
         "propagation_s": {
-            "n": len(delays),
-            "p50": round(statistics.median(delays), 3) if delays else None,
-            "p99": round(quantile(delays, 0.99), 3) if delays else None,
-            "max": round(max(delays), 3) if delays else None,
+            **{kind: summary(values) for kind, values in delays.items()},
+            "all": summary([d for values in delays.values() for d in values]),
+        },
+        "propagation_measured_by_the_other_replica_s": {
+            **{kind: summary(values) for kind, values in there.items()},
+            "all": summary([d for values in there.values() for d in values]),
         },
         "writes_never_reflected": unpropagated,
         "kill_at_s": round(run.kill_at - run.requests[0].start, 1) if run.requests else None,
@@ -393,6 +435,7 @@ def main() -> None:
             "not_ready": [n for n, _, status in list_a + list_b if status != "ready"],
             "blobs_left_over": sorted(set(blobs) - set(expected.values())),
             "propagation_histograms": {label: _histogram(s) for label, s in (("a", a), ("b (restarted)", b))},
+            "sync": {label: _sync(s) for label, s in (("a", a), ("b (restarted)", b))},
         }
         proxy.terminate()
         proxy.wait()
@@ -433,6 +476,17 @@ def _histogram(server: ServerProcess) -> dict[str, float]:
             if key.endswith(("_count", "_sum")):
                 out[key.rsplit("_", 1)[1]] = float(value)
     return out
+
+
+def _sync(server: ServerProcess) -> dict:
+    """How the replica hears changes (its /health `registry.sync`) and its syncs by trigger (/metrics)."""
+    status = httpx.get(f"{server.url}/health", timeout=30).json()["registry"]
+    syncs = {}
+    for line in httpx.get(f"{server.url}/metrics", timeout=30).text.splitlines():
+        if line.startswith("unlock_registry_syncs_total{"):
+            key, value = line.rsplit(" ", 1)
+            syncs[key.split('trigger="', 1)[1].split('"', 1)[0]] = float(value)
+    return {"mode": status["sync"], "listening": status["listening"], "syncs": syncs}
 
 
 class _registry_backend:

@@ -78,8 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--registry-poll-interval",
         type=float,
         default=None,
-        help="seconds between reads of the shared capability manifest, the bound on how long a change "
-        "made through another replica takes to be usable here (env UNLOCK_REGISTRY_POLL_INTERVAL); default 2",
+        help="seconds without a sync after which a replica reads the shared capability manifest anyway: "
+        "changes by other replicas are pushed (inotify, PostgreSQL LISTEN/NOTIFY), so this bounds only what "
+        "a push missed, or every change where none is pushed, e.g. NFS (env UNLOCK_REGISTRY_POLL_INTERVAL); "
+        "default 2",
     )
     ours.add_argument(
         "--registry-url",

@@ -9,6 +9,7 @@ a `Coordination`:
   whose locks are not reliable.
 
 Every change runs inside `locked()`, whose transaction reads the manifest as it is now, never a cached view.
+Each backend also offers a `listener()` that hears other writers' changes as they happen (`changes.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Protocol
 
+from .changes import ChangeListener
+from .dirwatch import directory_listener
 from .locks import OwnerLock, exclusive, live_owners, new_owner_id
 from .manifest import Manifest
 
@@ -57,6 +60,9 @@ class Coordination(Protocol):
 
     def read(self) -> Manifest:
         """The manifest now, without the exclusion (it is only ever replaced whole)."""
+
+    def listener(self) -> ChangeListener:
+        """What tells this writer that another one changed the manifest (one per service start)."""
 
     def close(self) -> None:
         """This writer is gone: from here on its leftovers are anyone's to collect."""
@@ -96,6 +102,9 @@ class FileCoordination:
         except FileNotFoundError:
             return Manifest({})
         return Manifest.from_document(data, str(self.manifest_path))
+
+    def listener(self) -> ChangeListener:
+        return directory_listener(self.root, self.manifest_path.name)
 
     def close(self) -> None:
         self._owner_lock.release()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-# Seconds from another replica's manifest write to its registration here: the poll interval (2 s by default)
-# plus the registration itself.
+# Seconds from another replica's manifest write to its registration here: the listener's delivery (or, when
+# polling, up to the poll interval, 2 s by default) plus the registration itself.
 PROPAGATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 30, 60)
 
 
@@ -42,6 +42,13 @@ class Metrics:
             "unlock_registry_propagation_seconds",
             "Delay from a manifest change by another replica to its registration on this one.",
             buckets=PROPAGATION_BUCKETS,
+            registry=registry,
+        )
+        self.syncs = Counter(
+            "unlock_registry_syncs",
+            "Reads of the shared manifest by what prompted them: a change heard (notify, inotify), the read "
+            "after a listener (re)starts (catch_up), or the fallback poll (poll).",
+            ["trigger"],
             registry=registry,
         )
         self.uploads = Counter(

@@ -9,6 +9,9 @@ needs no lock; everything writers must agree on is here:
   however the process died, so "is the lock held?" is a crash-proof liveness test, as `flock` is for files;
 - `unlock_pins`: blobs placed but not yet published, by writer.
 
+Each manifest write sends `NOTIFY unlock_manifest, '<generation>'` in its transaction, delivered at commit to
+every replica's listener (`pglisten.py`).
+
 Exclusion is a transaction-level advisory lock taken first in every `locked()` transaction; the tables are
 created under it on first use. One registry per database; give several registries one database each, or a
 schema each through the URL (`?options=-csearch_path%3Dmyschema`).
@@ -21,15 +24,27 @@ import secrets
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .locks import new_owner_id
 from .manifest import Manifest
 
+if TYPE_CHECKING:
+    from .pglisten import DatabaseListener
+
 # Seconds a connection attempt may take unless the URL sets `connect_timeout`: an unreachable database then
 # fails a registry write with 503 (`storage.py`) instead of holding it until the client gives up.
 CONNECT_TIMEOUT_S = 5
+# TCP keepalives of the listener's connection unless the URL sets them: a connection a network partition
+# dropped silently is given up within about 20 s (it would otherwise wait for data that never comes).
+LISTENER_KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 3,
+    "keepalives_count": 3,
+}
 REGISTRY_LOCK = 0x756E6C6F636B  # "unlock": the transaction lock every change takes first
+CHANNEL = "unlock_manifest"  # what manifest writes NOTIFY
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS unlock_manifest (
     id integer PRIMARY KEY CHECK (id = 1),
@@ -102,6 +117,20 @@ class PostgresCoordination:
                 tx.join()  # a no-op while the liveness session lives; takes the lock again if it dropped
             yield tx
 
+    def listener(self) -> DatabaseListener:
+        from .pglisten import DatabaseListener  # imports psycopg, which `_psycopg` checked for first
+
+        given = self.psycopg.conninfo.conninfo_to_dict(self.url)
+        options = {
+            **self._connect_options,
+            **{k: v for k, v in LISTENER_KEEPALIVES.items() if k not in given},
+        }
+
+        async def connect():
+            return await self.psycopg.AsyncConnection.connect(self.url, autocommit=True, **options)
+
+        return DatabaseListener(connect, CHANNEL)
+
     def read(self) -> Manifest:
         with self._connect(autocommit=True) as conn:
             try:
@@ -166,6 +195,7 @@ class PostgresTransaction:
             "ON CONFLICT (id) DO UPDATE SET document = EXCLUDED.document",
             (json.dumps(manifest.document()),),
         )
+        self.conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(manifest.generation)))
 
     def join(self) -> None:
         self.pg.hold_liveness()  # held before the row is visible: nobody sees this writer as dead
@@ -190,9 +220,7 @@ class PostgresTransaction:
         )
 
     def unpin(self, sha256: str) -> None:
-        self.conn.execute(
-            "DELETE FROM unlock_pins WHERE owner = %s AND sha256 = %s", (self.pg.owner, sha256)
-        )
+        self.conn.execute("DELETE FROM unlock_pins WHERE owner = %s AND sha256 = %s", (self.pg.owner, sha256))
 
     def pinned(self, sha256: str, live: set[str]) -> bool:
         owners = self.conn.execute("SELECT owner FROM unlock_pins WHERE sha256 = %s", (sha256,)).fetchall()

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .changes import ChangeListener
 from .coordination import Coordination, FileCoordination, Transaction
 from .errors import APIError
 from .manifest import Manifest, ManifestEntry
@@ -97,6 +98,10 @@ class Registry:
     def read(self) -> Manifest:
         """The manifest now (no exclusion needed: it is only ever replaced whole); absent = empty."""
         return self.coordination.read()
+
+    def listener(self) -> ChangeListener:
+        """What tells this writer that another one changed the manifest (`changes.py`)."""
+        return self.coordination.listener()
 
     def writers(self) -> set[str]:
         """The writers alive now (this one included once open)."""

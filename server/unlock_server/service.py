@@ -18,6 +18,7 @@ from typing import Any
 
 from unlock_client.spec import Spec, format_spec
 
+from .changes import POLL, ChangeListener
 from .engine import EngineRPCError, Workers
 from .errors import APIError
 from .manifest import Manifest, ManifestEntry
@@ -97,7 +98,9 @@ class CapabilityService:
 
     `_view` is the manifest as applied to this engine: requests resolve against it only, so a name is never
     offered before its content is registered here. Writes change the manifest on disk under the registry's
-    lock, then apply it; a poll every `poll_interval` seconds applies what other writers changed.
+    lock, then apply it. What other writers change is applied when the registry's listener hears of it
+    (`changes.py`), and in any case by a poll once `poll_interval` seconds pass without a sync, which catches
+    up whatever a listener missed.
     """
 
     def __init__(
@@ -126,40 +129,80 @@ class CapabilityService:
         self._in_flight: Tally[str] = Tally()
         self._unavailable: dict[str, str] = {}  # name -> why it could not be registered here
         self._tasks: set[asyncio.Task] = set()
-        self._poller: asyncio.Task | None = None
+        self.listener: ChangeListener | None = None  # set by `start`
+        self._woken = asyncio.Event()  # the listener heard of a change not yet read
+        self._trigger = POLL  # what woke it first since the last sync
+        self._announced: int | None = None  # the highest generation those wakes announced (None: unknown)
+        self._applied_at = 0.0  # monotonic time of the last `_apply`: the fallback poll counts from it
+        self._followers: list[asyncio.Task] = []
 
     async def start(self) -> None:
-        """Open the registry, register every entry on the workers (unusable ones are reported), then poll."""
+        """Open the registry, register every entry on the workers (unusable ones are reported), then follow
+        other writers' changes: listen, and poll as the fallback."""
         manifest = await asyncio.to_thread(self.registry.open)
         async with self._lock:
             await self._apply(manifest)
+        self.listener = self.registry.listener()
         logger.info(
-            "capability registry %s (writer %s): %d capabilities, %d unavailable; polled every %g s",
+            "capability registry %s (writer %s): %d capabilities, %d unavailable; changes by %s, polled "
+            "after %g s without one",
             self.registry.root,
             self.registry.owner,
             len(self._view),
             len(self._unavailable),
+            self.listener.mode,
             self.poll_interval,
         )
-        self._poller = asyncio.get_running_loop().create_task(self._poll())
+        loop = asyncio.get_running_loop()
+        self._followers = [loop.create_task(self._listen(self.listener)), loop.create_task(self._follow())]
 
     async def stop(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-            await asyncio.gather(self._poller, return_exceptions=True)
+        for task in self._followers:
+            task.cancel()
+        await asyncio.gather(*self._followers, return_exceptions=True)
         self.registry.close()
 
-    async def _poll(self) -> None:
-        while True:
-            await asyncio.sleep(self.poll_interval)
-            try:
-                await self.sync()
-            except Exception:  # a bad read must not end polling; the next tick tries again
-                logger.exception("capability registry sync failed")
+    async def _listen(self, listener: ChangeListener) -> None:
+        try:
+            await listener.run(self._wake)
+        except Exception:  # the poll goes on; /health shows the listener disconnected
+            logger.exception("capability registry listener failed; polling only from now on")
 
-    async def sync(self) -> None:
-        """Bring this engine in line with the manifest on disk (what other replicas changed)."""
+    def _wake(self, trigger: str, generation: int | None) -> None:
+        """The listener's callback: a change to read. Wakes before the sync runs make one sync; the highest
+        generation they announce lets it skip the read when that is applied already (this replica's own
+        write, heard back)."""
+        if not self._woken.is_set():
+            self._trigger, self._announced = trigger, generation
+            self._woken.set()
+        elif self._announced is not None:
+            self._announced = None if generation is None else max(self._announced, generation)
+
+    async def _follow(self) -> None:
+        """Sync whenever the listener wakes us, and once `poll_interval` passes without any sync."""
+        while True:
+            if not self._woken.is_set():
+                wait = self._applied_at + self.poll_interval - time.monotonic()
+                try:
+                    await asyncio.wait_for(self._woken.wait(), max(wait, 0.0))
+                except TimeoutError:
+                    pass
+            woken = self._woken.is_set()
+            trigger, announced = (self._trigger, self._announced) if woken else (POLL, None)
+            self._woken.clear()  # a change heard from here on is read by the next sync
+            try:
+                await self.sync(trigger, announced)
+            except Exception:  # a bad read must not end following; the next wake or poll tries again
+                logger.exception("capability registry sync failed")
+                self._applied_at = time.monotonic()  # retry after a poll interval, not in a tight loop
+
+    async def sync(self, trigger: str = POLL, announced: int | None = None) -> None:
+        """Bring this engine in line with the manifest on disk (what other replicas changed), unless the
+        generation a push `announced` is applied already."""
         async with self._lock:
+            if announced is not None and announced <= self._generation:
+                return
+            self.metrics.syncs.labels(trigger).inc()
             await self._apply(await asyncio.to_thread(self.registry.read))
 
     async def _apply(self, manifest: Manifest) -> None:
@@ -191,10 +234,10 @@ class CapabilityService:
             await self._retire(sha256)
         now = time.time()
         if changed and self._last_sync and manifest.writer not in (None, self.registry.owner):
-            # Measured from the last manifest write this poll saw; hosts' clocks must agree (NTP).
+            # Measured from the last manifest write this sync saw; hosts' clocks must agree (NTP).
             self._last_propagation = max(0.0, now - manifest.updated_at)
             self.metrics.propagation.observe(self._last_propagation)
-        self._generation, self._last_sync = manifest.generation, now
+        self._generation, self._last_sync, self._applied_at = manifest.generation, now, time.monotonic()
         self.metrics.registry_size.set(len(self._view))
         self.metrics.registry_generation.set(manifest.generation)
         self.metrics.engine_capabilities.set(len(self._loaded))
@@ -219,9 +262,11 @@ class CapabilityService:
         return out
 
     def sync_status(self) -> dict[str, Any]:
-        """This replica's view of the shared registry: `lag` is the age of its last sync, which stays near
+        """This replica's view of the shared registry: `lag` is the age of its last sync, which stays below
         `poll_interval` on a healthy replica; `propagation` is how long the last change by another writer
-        took to be registered here."""
+        took to be registered here; `sync` is how changes reach it ("notify", "inotify" or "poll"),
+        `listening` whether its listener hears them now, and `sync_note` why not (null when it does)."""
+        listener = self.listener
         return {
             "writer": self.registry.owner,
             "generation": self._generation,
@@ -230,6 +275,9 @@ class CapabilityService:
             "poll_interval": self.poll_interval,
             "propagation": self._last_propagation,
             "loaded": len(self._loaded),
+            "sync": listener.mode if listener else POLL,
+            "listening": bool(listener and listener.connected),
+            "sync_note": listener.note if listener else "not started",
         }
 
     # ---- writes
@@ -290,7 +338,12 @@ class CapabilityService:
             self._unavailable.pop(name, None)
             await self._apply(manifest)
             if previous is not None and previous.sha256 != entry.sha256:
-                await asyncio.to_thread(self.registry.drop_blob, previous.sha256)
+                try:
+                    await asyncio.to_thread(self.registry.drop_blob, previous.sha256)
+                except Exception:
+                    # The replace is published and applied, so its answer must say so, not "nothing was
+                    # changed". The old blob, named by no entry, is collected when a replica next starts.
+                    logger.warning("could not remove replaced blob %s", previous.sha256[:12], exc_info=True)
         self.metrics.uploads.labels("replaced" if previous else "created").inc()
         logger.info(
             "capability %r registered (sha256 %s, %s, layers %s)",

@@ -116,6 +116,8 @@ def test_models_health_and_metrics_follow_the_registry(config):
         health = api.get("/health").json()
         assert health["status"] == "ok" and health["capabilities"] == 1
         assert health["plugin"]["wrapped_layers"] == 4
+        registry = health["registry"]  # a local directory: changes by others arrive through inotify
+        assert (registry["sync"], registry["listening"], registry["sync_note"]) == ("inotify", True, None)
         api.delete("/v1/capabilities/steer")
         assert "tiny+steer" not in {m["id"] for m in api.get("/v1/models").json()["data"]}
 

@@ -26,6 +26,7 @@ from serve_harness import capability_bytes
 KEEP = capability_bytes("keep", seed=41, strength=3.0)
 OTHER = capability_bytes("other", seed=42, strength=3.0)
 
+
 def needs_root() -> None:
     """A missing prerequisite is a failure with its reason, never a silent skip."""
     if os.geteuid() != 0:
@@ -172,3 +173,26 @@ def test_the_database_stopped_is_503_with_retry_after_and_nothing_is_lost(tmp_pa
         assert names(api) == ["keep", "other"]
         # This writer took its liveness lock again on the restarted server: others see it alive.
         assert service.registry.owner in service.registry.writers()
+
+
+def test_a_replace_whose_cleanup_meets_the_database_stopped_took_effect_and_says_so(tmp_path, database):
+    """The database stops right after a replace is published, before the replaced blob is removed: the
+    replace took effect, so the answer is 201, not a 503 that says nothing was changed."""
+    config = settings(tmp_path, registry_url=fresh_database(database.url))
+    with client(config) as api:
+        service = api.app.state.unlock_service
+        old = api.post("/v1/capabilities", content=KEEP, params={"name": "steer"}).json()["sha256"]
+        publish = service.registry.publish
+
+        def publish_then_stop(*args):
+            published = publish(*args)
+            database.stop()
+            return published
+
+        service.registry.publish = publish_then_stop
+        replaced = api.post("/v1/capabilities", content=OTHER, params={"name": "steer", "replace": "true"})
+        assert replaced.status_code == 201, replaced.text
+        listed = api.get("/v1/capabilities").json()["data"]
+        assert [(c["name"], c["sha256"]) for c in listed] == [("steer", replaced.json()["sha256"])]
+        assert service.registry.blob_path(old).exists()  # left for the next replica start to collect
+        database.start()

@@ -1,6 +1,7 @@
 """Two `CapabilityService`s (replicas) on one registry, in-process, each with a fake engine, on either
-coordination backend (files, or a PostgreSQL database): what one writes reaches the other's engine by polling
-within the poll interval; each retires content itself."""
+coordination backend (files, or a PostgreSQL database): what one writes reaches the other's engine, pushed
+(inotify, LISTEN/NOTIFY) well within a poll interval, and by the poll where nothing is pushed or a push was
+missed; each retires content itself."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 from serve_harness import capability_bytes
+from unlock_server import dirwatch
+from unlock_server.changes import PollOnly
 from unlock_server.coordination import coordination_for
 from unlock_server.engine import EngineRPCError
 from unlock_server.errors import APIError
@@ -20,6 +23,8 @@ from unlock_server.selection import Choice
 from unlock_server.service import CapabilityService, ModelShape
 
 POLL = 0.1
+LONG_POLL = 30.0  # no poll in a test's time: only a push explains a change arriving
+PUSHED_WITHIN = {"file": 1.0, "postgres": 0.5}  # the goals for a change pushed to the other replica
 V1 = capability_bytes("steer", seed=1)
 V2 = capability_bytes("steer", seed=2)
 
@@ -38,11 +43,11 @@ class FakeWorkers:
         self.registered.discard(sha256)
 
 
-def replica(root: Path, url: str | None = None) -> CapabilityService:
+def replica(root: Path, url: str | None = None, poll: float = POLL) -> CapabilityService:
     shape = ModelShape(served_names=["tiny"], num_layers=4, hidden_size=64)
     metrics = Metrics(CollectorRegistry())
     registry = Registry(root, coordination_for(root, url))
-    return CapabilityService(registry, FakeWorkers(), shape, metrics, 1 << 20, 10.0, POLL)
+    return CapabilityService(registry, FakeWorkers(), shape, metrics, 1 << 20, 10.0, poll)
 
 
 async def body(data: bytes):
@@ -76,22 +81,42 @@ def registry_url(request) -> str | None:
     return request.getfixturevalue("postgres_url") if request.param == "postgres" else None
 
 
+def syncs(service: CapabilityService, trigger: str) -> float:
+    return service.metrics.syncs.labels(trigger)._value.get()
+
+
+def listening(service: CapabilityService) -> bool:
+    """Its listener hears changes, and its catch-up read has begun: a push from here on gets a sync of its
+    own."""
+    return service.listener.connected and syncs(service, "catch_up") == 1
+
+
+@pytest.fixture
+def backend(registry_url) -> str:
+    return "file" if registry_url is None else "postgres"
+
+
+def run_two(root: Path, url: str | None, scenario, poll: float = POLL, deaf_b: bool = False) -> None:
+    """Run `scenario(a, b)` on two started replicas of one registry; `deaf_b`: b hears nothing pushed."""
+
+    async def main():
+        a, b = (replica(root, url, poll) for _ in "ab")
+        if deaf_b:
+            b.registry.listener = lambda: PollOnly("deaf for this test")
+        await a.start()
+        await b.start()
+        try:
+            await scenario(a, b)
+        finally:
+            await a.stop()
+            await b.stop()
+
+    asyncio.run(main())
+
+
 @pytest.fixture
 def run_pair(tmp_path, registry_url):
-    def run(scenario):
-        async def main():
-            a, b = replica(tmp_path / "shared", registry_url), replica(tmp_path / "shared", registry_url)
-            await a.start()
-            await b.start()
-            try:
-                await scenario(a, b)
-            finally:
-                await a.stop()
-                await b.stop()
-
-        asyncio.run(main())
-
-    return run
+    return lambda scenario, **options: run_two(tmp_path / "shared", registry_url, scenario, **options)
 
 
 def test_upload_replace_delete_propagate_within_the_poll_interval(run_pair):
@@ -99,7 +124,7 @@ def test_upload_replace_delete_propagate_within_the_poll_interval(run_pair):
         created = await upload(a, V1)
         sha1 = created["sha256"]
         assert usable(a, "steer") == sha1 and sha1 in a.workers.registered  # ready when the 201 returns
-        assert usable(b, "steer") is None  # not before b's engine has it
+        assert usable(b, "steer") is None or sha1 in b.workers.registered  # not before b's engine has it
         await until(lambda: usable(b, "steer") == sha1, within=POLL + 1)
         assert sha1 in b.workers.registered
 
@@ -144,7 +169,7 @@ def test_delete_elsewhere_waits_for_requests_in_flight_here(run_pair):
 
 def test_writes_judge_conflicts_on_the_disk_not_a_stale_view(run_pair):
     async def scenario(a: CapabilityService, b: CapabilityService) -> None:
-        b.poll_interval = 3600  # b's poller will not run again: only its own writes read the disk
+        b.poll_interval = 3600  # b (deaf) will not poll again: only its own writes read the disk
         await asyncio.sleep(POLL * 2)
         await upload(a, V1)
         with pytest.raises(APIError) as err:
@@ -156,7 +181,7 @@ def test_writes_judge_conflicts_on_the_disk_not_a_stale_view(run_pair):
         assert sorted(b.registry.read().entries) == ["other", "steer"]
         assert usable(b, "steer") is not None  # b's write applied a's entry to b's engine too
 
-    run_pair(scenario)
+    run_pair(scenario, deaf_b=True)
 
 
 def test_a_restarted_replica_registers_everything(run_pair, tmp_path, registry_url):
@@ -214,3 +239,107 @@ def test_poll_interval_comes_from_the_flag_the_environment_or_the_default(monkey
     assert settings_from_args(flag).registry_url == "postgresql://flag/db"
     with pytest.raises(ValidationError, match="registry_poll_interval must be positive"):
         settings_from_args(parser.parse_args(["--registry-poll-interval", "0"]))
+
+
+def test_changes_are_pushed_to_the_other_replica_well_within_a_poll(run_pair, backend):
+    """With a 30 s poll, only the push (inotify on the directory, LISTEN/NOTIFY on the database) can bring an
+    upload, a replace and a delete to the other replica in time."""
+    mode, within = {"file": "inotify", "postgres": "notify"}[backend], PUSHED_WITHIN[backend]
+
+    async def scenario(a: CapabilityService, b: CapabilityService) -> None:
+        await until(lambda: listening(a) and listening(b), within=5)
+        for service in (a, b):
+            status = service.sync_status()
+            assert (status["sync"], status["listening"], status["sync_note"]) == (mode, True, None)
+        sha1 = (await upload(a, V1))["sha256"]
+        await until(lambda: usable(b, "steer") == sha1, within)
+        sha2 = (await upload(b, V2, replace=True))["sha256"]
+        await until(lambda: usable(a, "steer") == sha2, within)
+        await a.delete("steer")
+        await until(lambda: usable(b, "steer") is None, within)
+        assert b.workers.registered == set()
+        for service in (a, b):
+            assert syncs(service, "poll") == 0 and syncs(service, mode) >= 1
+        if backend == "postgres":  # a notification announces its generation: a replica's own are not read
+            assert (syncs(a, "notify"), syncs(b, "notify")) == (1, 2)  # b's replace; a's upload and delete
+
+    run_pair(scenario, poll=LONG_POLL)
+
+
+def hold_reconnects(listener) -> asyncio.Event:
+    """Make the database listener wait for the returned event before each connection it opens."""
+    gate, connect = asyncio.Event(), listener.connect
+
+    async def gated():
+        await gate.wait()
+        return await connect()
+
+    listener.connect = gated
+    return gate
+
+
+def drop(listener, url: str) -> None:
+    """End the listener's session from another one, as a database restart or a network fault would."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert conn.execute("SELECT pg_terminate_backend(%s)", (listener.backend_pid,)).fetchone()[0]
+
+
+async def deafen(service: CapabilityService, url: str) -> asyncio.Event:
+    """Drop `service`'s listener and keep it from reconnecting until the returned event is set."""
+    await until(lambda: service.listener.connected, within=5)
+    gate = hold_reconnects(service.listener)
+    await asyncio.to_thread(drop, service.listener, url)
+    await until(lambda: not service.listener.connected, within=2)
+    status = service.sync_status()
+    assert status["sync"] == "notify" and status["listening"] is False
+    assert status["sync_note"].startswith("reconnecting")
+    return gate
+
+
+def test_a_missed_notification_is_caught_up_within_a_poll_interval(tmp_path, postgres_url):
+    poll = 1.0
+
+    async def scenario(a: CapabilityService, b: CapabilityService) -> None:
+        gate = await deafen(b, postgres_url)
+        sha1 = (await upload(a, V1))["sha256"]  # its NOTIFY reaches no listener of b's
+        await until(lambda: usable(b, "steer") == sha1, within=poll + 0.5)
+        # Neither a notification nor a catch-up after the first LISTEN brought it: the poll did.
+        assert (syncs(b, "notify"), syncs(b, "catch_up")) == (0, 1) and syncs(b, "poll") >= 1
+
+        b.poll_interval = LONG_POLL  # from its next sync on, b hears changes by push or not at all
+        gate.set()
+        await until(lambda: b.listener.connected and syncs(b, "catch_up") == 2, within=2)
+        sha2 = (await upload(a, V2, replace=True))["sha256"]
+        await until(lambda: usable(b, "steer") == sha2, within=PUSHED_WITHIN["postgres"])
+        assert syncs(b, "notify") == 1  # notifications arrive again after the reconnect
+
+    run_two(tmp_path / "shared", postgres_url, scenario, poll=poll)
+
+
+def test_a_change_made_while_the_listener_was_down_is_read_when_it_reconnects(tmp_path, postgres_url):
+    async def scenario(a: CapabilityService, b: CapabilityService) -> None:
+        gate = await deafen(b, postgres_url)
+        sha = (await upload(a, V1))["sha256"]
+        await asyncio.sleep(0.5)
+        assert usable(b, "steer") is None  # nothing pushed to b, and no poll for 30 s
+        gate.set()
+        await until(lambda: usable(b, "steer") == sha, within=1)
+        assert syncs(b, "catch_up") == 2  # at the first LISTEN, and at the one after the gap
+
+    run_two(tmp_path / "shared", postgres_url, scenario, poll=LONG_POLL)
+
+
+def test_a_registry_on_a_network_filesystem_is_polled(tmp_path, monkeypatch):
+    monkeypatch.setattr(dirwatch, "filesystem_type", lambda path: "nfs4")
+
+    async def scenario(a: CapabilityService, b: CapabilityService) -> None:
+        status = b.sync_status()
+        assert (status["sync"], status["listening"]) == ("poll", False)
+        assert status["sync_note"] == "nfs4 filesystem: inotify would not see other hosts' writes"
+        sha = (await upload(a, V1))["sha256"]
+        await until(lambda: usable(b, "steer") == sha, within=POLL + 1)
+        assert syncs(b, "poll") >= 1 and syncs(b, "inotify") == 0
+
+    run_two(tmp_path / "shared", None, scenario)

@@ -1,6 +1,7 @@
 """Two real `unlock-serve` replicas on one capabilities directory, each vLLM CPU engine on its own core:
-uploads, replaces and deletes through one are usable (or refused) on the other within the poll interval,
-steered outputs agree, and a replica killed with SIGKILL comes back with the whole registry."""
+uploads, replaces and deletes through one are usable (or refused) on the other as soon as inotify tells it
+(the poll is too slow to explain it), steered outputs agree, and a replica killed with SIGKILL comes back with
+the whole registry."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import httpx
 import pytest
 from serve_harness import ServerProcess, capability_bytes, tiny_server
 
-POLL_S = 1.0
-# The bound on propagation: one poll interval plus registration on the engine and this test's own polling.
-DEADLINE_S = POLL_S + 2.0
+POLL_S = 30.0  # the fallback: a change that arrives within DEADLINE_S was pushed
+# The bound on propagation: the inotify event, registration on the engine and this test's own polling.
+DEADLINE_S = 3.0
 PROMPT = "Question: A train travels 60 miles in 2 hours. What is its speed?\nAnswer:"
 V1 = capability_bytes("steer", seed=31, strength=3.0)
 V2 = capability_bytes("steer", seed=32, strength=3.0)
@@ -117,6 +118,7 @@ def test_upload_replace_delete_propagate_between_replicas(pair, registry_dir):
     assert metric(b, "unlock_registry_propagation_seconds_count") == 2  # a's upload, a's delete
     assert metric(a, "unlock_registry_propagation_seconds_count") == 1  # b's replace
     status = httpx.get(f"{b.url}/health", timeout=30).json()["registry"]
+    assert (status["sync"], status["listening"]) == ("inotify", True)
     assert status["generation"] == 3 and status["lag"] < DEADLINE_S
     assert 0 <= status["propagation"] < DEADLINE_S
 
