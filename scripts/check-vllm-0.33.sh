@@ -35,7 +35,7 @@ set +e  # keep going to the report; the status is the group's
   "$venv/bin/unlock-serve" --help=unlock-serve 2> /dev/null | grep -E "^  --"
   echo "## 2. seam, wiring and unit tests of tests/patches; the Triton kernels compiled for sm_80/sm_90"
   "$venv/bin/python" -m pytest tests/patches/test_seams.py tests/patches/test_units.py \
-    tests/patches/test_triton_aot.py tests/patches/test_cuda_path.py \
+    tests/patches/test_triton_aot.py tests/patches/test_cuda_path.py tests/patches/test_capture_recorder.py \
     tests/server/test_start_refusals.py::test_start_does_not_ask_torch_for_a_gpu \
     -p no:cacheprovider -q -r fEp -o addopts="" 2>&1 | grep -vE "Warning|warnings.warn|^$"
 } 2>&1 | tee "$log"

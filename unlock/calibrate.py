@@ -237,4 +237,3 @@ def calibrate_served(
         finally:
             admin.delete(probe)
     return decide(rows, min_fraction, len(prompts), max_tokens)
-

@@ -87,7 +87,15 @@ def rank_list(text: str) -> tuple[int, ...]:
 
 def add_align_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("alignment and artifact")
-    group.add_argument("--target", required=True, help="the model to steer")
+    target = group.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target", help="the model to steer: its folder (or hub id)")
+    target.add_argument(
+        "--target-url",
+        help="or the model an unlock-serve serves, read through its capture endpoint (the server's root, "
+        "e.g. http://127.0.0.1:8000; needs --admin-key)",
+    )
+    add_admin_key(group)
+    group.add_argument("--target-model", help="with --target-url: one of its served names (default: its own)")
     group.add_argument(
         "--rank",
         dest="ranks",
@@ -172,6 +180,14 @@ def add_align_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("-o", "--output", required=True, help="capability file to write (.safetensors)")
 
 
+def add_admin_key(group: argparse._ActionsContainer) -> None:
+    group.add_argument(
+        "--admin-key",
+        default=os.environ.get("UNLOCK_ADMIN_KEY"),
+        help="the server's admin key, for a served model (env UNLOCK_ADMIN_KEY)",
+    )
+
+
 def add_record_paths(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--record-paths",
@@ -201,7 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     capture = commands.add_parser(
         "capture", help="every token's stream of one model on a corpus, into a resumable store"
     )
-    capture.add_argument("--model", required=True)
+    model = capture.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model", help="the model's folder (or hub id)")
+    model.add_argument("--model-url", help="or the model an unlock-serve serves (the server's root URL)")
+    add_admin_key(capture)
     capture.add_argument("--data", required=True, help="JSONL file, one object per line")
     capture.add_argument("--field", default="question", help="the field holding the text")
     capture.add_argument("-n", type=int, default=None, help="the first N records (default: all)")
@@ -477,6 +496,7 @@ def cmd_combine(args: argparse.Namespace, timer: Timer) -> None:
 def cmd_generate(args: argparse.Namespace, timer: Timer) -> None:
     from unlock.capture import format_prompts
     from unlock.steering import steered_generate
+
     selection = [parse_capability(spec) for spec in args.capability]  # bad files fail before the model loads
     lm = ModelCache(pick(ModelOptions, args), timer).get(args.model)
     for capability, *_ in selection:

@@ -4,6 +4,7 @@ the CLI fills from its flags and the server's demo build from its constants, rea
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from unlock.align import FULL_RANK
@@ -23,7 +24,7 @@ class ExtractConfig:
 
 @dataclass
 class AlignConfig:
-    target: str
+    target: str | None  # the target's folder (or hub id); None: the model served at `target_url`
     name: str
     # The defaults are what carried the direction in the transfer experiment (docs/unlock.md, "Defaults"):
     # every token pair, centred, full rank, a ridge chosen by cross-validated map error.
@@ -49,15 +50,21 @@ class AlignConfig:
     # The source-locked model's folder, for an extracted file that records only its name (`unlock align`).
     source_locked: str | None = None
     record_paths: bool = False  # record the models' folders in the artifact (`<role>_path`)
+    # A target served by unlock-serve instead of a folder: captured through its admin endpoint.
+    target_url: str | None = None  # the server's root, e.g. http://host:8000
+    admin_key: str | None = dataclasses.field(default=None, repr=False)  # never printed
+    target_model: str | None = None  # one of its served names; None: the server's
 
 
 @dataclass
 class CaptureConfig:
     """`unlock capture`: every token's stream of one model on a corpus, into a resumable store."""
 
-    model: str
+    model: str | None  # the model's folder (or hub id); None: the model served at `model_url`
     data: str
     capture_dir: str
     field: str = "question"
     n: int | None = None  # None: every record
     template: str = "direct"
+    model_url: str | None = None  # a model served by unlock-serve, captured through its admin endpoint
+    admin_key: str | None = dataclasses.field(default=None, repr=False)  # never printed

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -58,8 +59,13 @@ def model_name(name_or_path: str) -> str:
 def config_sha256(lm: LoadedModel) -> str:
     """The first 16 hex digits of the sha256 of the model's config.json (of its loaded config if the file is
     not at hand)."""
-    config = _config_file(lm.name)
-    data = config.read_bytes() if config is not None else lm.model.config.to_json_string().encode()
+    return config_sha256_of(lm.name, lm.model.config.to_json_string)
+
+
+def config_sha256_of(name_or_path: str, loaded_config_json: Callable[[], str]) -> str:
+    """`config_sha256` of a model known by name or folder (the server's, which holds no `LoadedModel`)."""
+    config = _config_file(name_or_path)
+    data = config.read_bytes() if config is not None else loaded_config_json().encode()
     return hashlib.sha256(data).hexdigest()[:16]
 
 

@@ -19,7 +19,6 @@ from unlock.directions import extract_directions
 from unlock.extracted import EXTRACTED_TAG, EXTRACTED_VERSION, Extracted
 from unlock.identity import (
     PATH_KEYS,
-    config_sha256,
     identity,
     model_name,
     model_path,
@@ -32,7 +31,8 @@ from unlock.ops import POSITIONS as STEER_POSITIONS
 from unlock.ops import operator
 from unlock.pairing import POSITIONS
 from unlock.rows import alignment_rows
-from unlock.streams import Chunk, capture_streams
+from unlock.streams import Chunk
+from unlock.targets import Target, capture_target_streams, recorded, served, target_of, target_prompts
 from unlock.templates import load_template, template_label
 from unlock.validation import Limits
 
@@ -44,7 +44,8 @@ def check_build(extract: ExtractConfig, align_config: AlignConfig, models: Model
     n = len(load_questions(extract.data, extract.field, extract.n))
     check_steering_options(align_config)
     check_align(align_config, n)
-    parse_layer_spec(align_config.layers, models.get(align_config.target).num_layers)
+    target = target_of(align_config, models, models.options.chat)  # a served one: its server answers
+    parse_layer_spec(align_config.layers, target.num_layers)
 
 
 def check_align(config: AlignConfig, n_extract: int) -> int:
@@ -93,17 +94,17 @@ def same_model(a: str, b: str) -> bool:
     return pa.resolve() == pb.resolve() if pa.exists() and pb.exists() else a == b
 
 
-def is_source(extracted: Extracted, config: AlignConfig, target: LoadedModel) -> bool:
-    """Whether the target is the extraction's source-locked model: by folder when the source's is known (a
-    build, --source-locked, a file extracted with --record-paths), else by name and config hash."""
-    try:
-        return same_model(source_model(extracted.metadata, config.source_locked), target.name)
-    except ValueError:  # a name only
-        meta = extracted.metadata
-        return (meta["source_locked"], meta.get("source_locked_config_sha256")) == (
-            model_name(target.name),
-            config_sha256(target),
-        )
+def is_source(extracted: Extracted, config: AlignConfig, target: Target) -> bool:
+    """Whether the target is the extraction's source-locked model: by folder when both are folders here and
+    the source's is known (a build, --source-locked, a file extracted with --record-paths), else by name and
+    config hash (a served target's from its server)."""
+    if isinstance(target, LoadedModel):
+        try:
+            return same_model(source_model(extracted.metadata, config.source_locked), target.name)
+        except ValueError:  # a name only
+            pass
+    meta = with_legacy_paths(extracted.metadata)
+    return (meta["source_locked"], meta.get("source_locked_config_sha256")) == recorded(target)
 
 
 def run_extract(config: ExtractConfig, models: ModelCache) -> Extracted:
@@ -157,14 +158,21 @@ def run_extract(config: ExtractConfig, models: ModelCache) -> Extracted:
 
 
 def run_capture(config: CaptureConfig, models: ModelCache) -> list[Chunk]:
-    """Fill the store of ``config.model`` with its streams on the corpus (chunks already there are kept)."""
+    """Fill the store of the model (``config.model``, or the one served at ``config.model_url``) with its
+    streams on the corpus (chunks already there are kept)."""
     opts = models.options
     template = load_template(config.template)
     questions = load_questions(config.data, config.field, config.n)
-    lm = models.get(config.model)
-    prompts = format_prompts(lm.tokenizer, questions, template, opts.chat)
+    if (config.model is None) == (config.model_url is None):
+        raise ValueError("give the model as one of --model FOLDER and --model-url URL")
+    model: Target = (
+        models.get(config.model)
+        if config.model is not None
+        else served(config.model_url, config.admin_key, None, models, opts.chat)
+    )
+    prompts = target_prompts(model, questions, template, opts.chat)
     with models.timer.stage("capture"):
-        return capture_streams(lm, prompts, config.capture_dir, opts.batch_size, opts.chat)
+        return capture_target_streams(model, prompts, config.capture_dir, opts.batch_size, opts.chat)
 
 
 def run_align(extracted: Extracted, config: AlignConfig, models: ModelCache) -> tuple[Capability, list[int]]:
@@ -178,17 +186,20 @@ def run_align(extracted: Extracted, config: AlignConfig, models: ModelCache) -> 
     check_steering_options(config)
     if config.store not in ("factors", "directions"):
         raise ValueError(f"unknown --store {config.store!r}; expected 'factors' or 'directions'")
-    target = models.get(config.target)
+    chat = models.options.chat or extracted.metadata["chat_template"] == "true"
+    target = target_of(config, models, chat)
     layers = parse_layer_spec(config.layers, target.num_layers)
-    info = TargetInfo(target.architecture, target.num_layers, target.hidden_size, model_name(target.name))
+    target_name, target_hash = recorded(target)
+    info = TargetInfo(target.architecture, target.num_layers, target.hidden_size, target_name)
     common = dict(layers=layers, mode=config.mode, default_strength=config.strength, target=info)
     source = with_legacy_paths(extracted.metadata)  # names, also from files that recorded folders there
     meta = {key: source[key] for key in CARRIED_KEYS}
     meta.update({key: source[key] for key in IDENTITY_KEYS if key in source})
-    meta["target_config_sha256"] = config_sha256(target)
-    if config.record_paths:  # the builder's folders, only when asked for
+    meta["target_config_sha256"] = target_hash
+    if config.record_paths:  # the builder's folders, only when asked for (a served target has none here)
         meta.update({key: source[key] for key in PATH_KEYS if key in source})
-        meta["target_path"] = model_path(target.name)
+        if isinstance(target, LoadedModel):
+            meta["target_path"] = model_path(target.name)
     if config.positions is not None:
         meta["positions"] = config.positions
     if is_source(extracted, config, target):

@@ -21,12 +21,14 @@ from unlock.extracted import Extracted
 from unlock.identity import source_model
 from unlock.model_cache import ModelCache
 from unlock.pairing import corpus_pairs
+from unlock.served import ServedTarget
 from unlock.streams import capture_streams, load_layer
+from unlock.targets import Target, capture_target_last, capture_target_streams, has_offsets, target_prompts
 from unlock.templates import load_template, template_label
 
 
 def alignment_rows(
-    extracted: Extracted, config: AlignConfig, target: LoadedModel, models: ModelCache, stack: ExitStack
+    extracted: Extracted, config: AlignConfig, target: Target, models: ModelCache, stack: ExitStack
 ) -> tuple[RowsFn, int, dict[str, str]]:
     """The paired rows the maps are fit on (`unlock.align.RowsFn`), the number of texts, and the metadata that
     says where they came from. Captures the target, and the source too on a corpus of its own or at every
@@ -66,8 +68,8 @@ def alignment_rows(
         raise ValueError(f"source {source.name!r} no longer has the shape recorded in the extracted file")
     if positions == "last":
         with timer.stage("capture target"):
-            prompts = format_prompts(target.tokenizer, texts, template, chat)
-            target_acts = capture_last_token(target, prompts, opts.batch_size, chat, "target")
+            prompts = target_prompts(target, texts, template, chat)
+            target_acts = capture_target_last(target, prompts, opts.batch_size, chat)
         if config.align_data is None:  # the extraction prompts: their source rows are saved
             source_acts = extracted.locked_acts
         else:
@@ -79,7 +81,7 @@ def alignment_rows(
         return rows, len(texts), meta
     assert source is not None
     prompts = format_prompts(source.tokenizer, texts, template, chat)
-    if prompts != format_prompts(target.tokenizer, texts, template, chat):
+    if prompts != target_prompts(target, texts, template, chat):
         raise ValueError(
             "--align-positions all pairs tokens by character offset in one text, but the two chat templates "
             "make different texts; drop --chat-template or use --align-positions last"
@@ -88,7 +90,7 @@ def alignment_rows(
     with timer.stage("capture source, all positions"):
         chunks_s = capture_streams(source, prompts, root, opts.batch_size, chat)
     with timer.stage("capture target, all positions"):
-        chunks_t = capture_streams(target, prompts, root, opts.batch_size, chat)
+        chunks_t = capture_target_streams(target, prompts, root, opts.batch_size, chat)
     ends_s = [e for chunk in chunks_s for e in chunk.ends]
     ends_t = [e for chunk in chunks_t for e in chunk.ends]
     pairs = corpus_pairs(prompts, ends_s, ends_t, config.align_skip)
@@ -103,15 +105,17 @@ def alignment_rows(
 
 
 def auto_positions(
-    source: LoadedModel, target: LoadedModel, texts: list[str], template: str, chat: bool
+    source: LoadedModel, target: Target, texts: list[str], template: str, chat: bool
 ) -> tuple[str, str]:
     """`all` where token pairs can be made (both tokenizers give character offsets, and both models read the
     same text), else `last`; with the reason."""
-    slow = [lm.name for lm in (source, target) if not getattr(lm.tokenizer, "is_fast", False)]
+    slow = [lm.name for lm in (source, target) if not has_offsets(lm)]
     if slow:
         return "last", f"no character offsets from the slow tokenizer of {', '.join(map(repr, slow))}"
-    if format_prompts(source.tokenizer, texts, template, chat) != format_prompts(
-        target.tokenizer, texts, template, chat
+    if isinstance(target, ServedTarget):  # it reads the texts as they are (never chat-wrapped)
+        return "all", "the server's tokenizer gives character offsets: shared boundaries"
+    if format_prompts(source.tokenizer, texts, template, chat) != target_prompts(
+        target, texts, template, chat
     ):
         return "last", "the two chat templates make different texts"
     same = source.tokenizer.get_vocab() == target.tokenizer.get_vocab()

@@ -19,14 +19,19 @@ class UnlockAPIError(RuntimeError):
         self.param = param
 
 
-def _check(response: httpx.Response) -> Any:
+def _raise_for_error(response: httpx.Response) -> None:
     if response.is_success:
-        return response.json()
+        return
     try:
         error = response.json()["error"]
         raise UnlockAPIError(response.status_code, error.get("message", ""), error.get("param"))
     except (ValueError, KeyError, TypeError):
         raise UnlockAPIError(response.status_code, response.text) from None
+
+
+def _check(response: httpx.Response) -> Any:
+    _raise_for_error(response)
+    return response.json()
 
 
 def _headers(api_key: str | None) -> dict[str, str]:
@@ -85,12 +90,37 @@ class UnlockClient:
     def health(self) -> dict[str, Any]:
         return _check(self._http.get("/health"))
 
+    def served_models(self) -> list[str]:
+        """The names the model is served under (`/v1/models` lists each capability beside them as
+        `<model>+<name>`)."""
+        return [m["id"] for m in _check(self._http.get("/v1/models"))["data"] if m.get("parent") is None]
+
     def served_model(self) -> str:
-        """The served model's name (`/v1/models` lists each capability beside it as `<model>+<name>`)."""
-        names = [m["id"] for m in _check(self._http.get("/v1/models"))["data"] if m.get("parent") is None]
+        """The served model's name."""
+        names = self.served_models()
         if len(names) != 1:
             raise ValueError(f"cannot tell the served model among {names}")
         return names[0]
+
+    def capture_info(self) -> dict[str, Any]:
+        """What the capture endpoint reads (admin key): the model's name, config hash, sizes and limits."""
+        return _check(self._http.get("/v1/capture"))
+
+    def capture(
+        self,
+        prompts: list[str],
+        layers: list[int] | None = None,
+        positions: str = "last",
+        dtype: str = "float32",
+    ) -> bytes:
+        """The residual stream after `layers` (default: all) at the prompts' last tokens or at every token:
+        a safetensors file (`unlock.served` reads it)."""
+        body: dict[str, Any] = {"prompts": prompts, "positions": positions, "dtype": dtype}
+        if layers is not None:
+            body["layers"] = layers
+        response = self._http.post("/v1/capture", json=body)
+        _raise_for_error(response)
+        return response.content
 
 
 class AsyncUnlockClient:

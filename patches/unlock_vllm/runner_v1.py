@@ -3,6 +3,8 @@
 - `_update_states`: free the slots of finished and preempted/resumed requests (a resumed one recomposes).
 - `_prepare_inputs`: after the batch layout is known, admit requests new to steering (from the runner's
   `requests` map) and write the per-token indices.
+- `_determine_batch_execution_and_padding`: a step that holds a capture request runs without CUDA graphs
+  (`unlock_vllm.capture`).
 """
 
 from __future__ import annotations
@@ -47,7 +49,18 @@ def _prepare_inputs(original):
     return prepare_inputs
 
 
+def _determine_batch_execution_and_padding(original):
+    def determine(self, *args, **kwargs):
+        state = getattr(self, STATE_ATTR, None)
+        if state is not None and state.capture.live:
+            kwargs["force_eager"] = True
+        return original(self, *args, **kwargs)
+
+    return determine
+
+
 def wire() -> None:
     GPUModelRunner = seams.get("RunnerV1")
     wrap(GPUModelRunner, "_update_states", _update_states)
     wrap(GPUModelRunner, "_prepare_inputs", _prepare_inputs)
+    wrap(GPUModelRunner, "_determine_batch_execution_and_padding", _determine_batch_execution_and_padding)

@@ -8,11 +8,13 @@ requests back as new ones (their prompt plus output as prefill), so:
 - `prepare_inputs`: from the returned InputBatch (batch order, tokens scheduled and computed per request)
   and the request states' prompt lengths, write the per-token indices. Prefill context parallelism and
   speculative decoding, whose token layout is settled on the device, are refused at install.
+- `dispatch_cg_and_sync_dp` (the module's helper that picks a step's CUDA graph, called after
+  `add_requests`): a step that holds a capture request runs without graphs (`unlock_vllm.capture`).
 """
 
 from __future__ import annotations
 
-from unlock_vllm import seams
+from unlock_vllm import capture, seams
 from unlock_vllm.state import STATE_ATTR
 from unlock_vllm.wrapping import wrap
 
@@ -57,7 +59,17 @@ def _prepare_inputs(original):
     return prepare_inputs
 
 
+def _dispatch_cg_and_sync_dp(original):
+    def dispatch(*args, **kwargs):
+        if capture.live():  # one runner per worker process: the process's recorder is this runner's
+            kwargs["need_eager"] = True
+        return original(*args, **kwargs)
+
+    return dispatch
+
+
 def wire() -> None:
+    wrap(seams.get("runner_v2_module"), "dispatch_cg_and_sync_dp", _dispatch_cg_and_sync_dp)
     GPUModelRunner = seams.get("RunnerV2")
     wrap(GPUModelRunner, "finish_requests", _finish_requests)
     wrap(GPUModelRunner, "add_requests", _add_requests)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from unlock_vllm import runner_v1, runner_v2, seams
+from unlock_vllm import capture, runner_v1, runner_v2, seams
 from unlock_vllm.config import read_config
 from unlock_vllm.discovery import find_vllm_decoder_layers
 from unlock_vllm.registry import WorkerRegistry
@@ -22,6 +22,7 @@ from unlock_vllm.steer_op import check_cuda_kernel
 from unlock_vllm.wrapping import wrap, wrap_property
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's configured "vllm" logger
+
 
 def _needs_v2(vllm_config: Any) -> bool:
     """Features for which vLLM itself forces Model Runner V2 (0.33: HiSparse, watermarking)."""
@@ -119,12 +120,14 @@ def install(runner: Any, vllm_config: Any) -> SteeringState | None:
         registry=registry,
         runner_class=f"{type(runner).__module__}.{type(runner).__qualname__}",
         compilation_mode=getattr(compilation.mode, "name", str(compilation.mode)),
+        records_captures=seams.get("tp_rank")() == 0,  # TP ranks hold the same stream: one records
     )
     if state.wrapped_layers == 0:
         raise RuntimeError(
             f"unlock: no decoder layer of {list_name!r} is held by this worker; nothing to steer"
         )
     setattr(runner, STATE_ATTR, state)
+    capture.ACTIVE = state.capture
     logger.info(
         "unlock: steering installed on %d/%d layers of %s.%s (runner %s, %d capabilities, %d term rows, "
         "%d token indices; tables %s bytes)",

@@ -35,6 +35,8 @@ SERVER_SEAMS: dict[str, Seam] = {
         )
     ),
     "FlexibleArgumentParser": Seam(("vllm.utils.argparse_utils:FlexibleArgumentParser",)),
+    # Stops the server when the engine core has died (reads `engine.errored`), as vLLM's own launcher does.
+    "watchdog_loop": Seam(("vllm.entrypoints.launchers.launcher:watchdog_loop",)),
     "build_app": Seam(("vllm.entrypoints.launchers.app:build_app",)),
     "init_app_state": Seam(("vllm.entrypoints.launchers.api_server.app_state:init_app_state",)),
     "AsyncEngineArgs": Seam(
@@ -50,12 +52,16 @@ WORKER_SEAMS: dict[str, Seam] = {
     "VllmConfig": Seam(("vllm.config:VllmConfig",), ("use_v2_model_runner",)),
     "Worker": Seam(("vllm.v1.worker.gpu_worker:Worker",), ("load_model",)),
     "RunnerV1": Seam(
-        ("vllm.v1.worker.gpu_model_runner:GPUModelRunner",), ("_update_states", "_prepare_inputs")
+        ("vllm.v1.worker.gpu_model_runner:GPUModelRunner",),
+        ("_update_states", "_prepare_inputs", "_determine_batch_execution_and_padding"),
     ),
     "RunnerV2": Seam(
         ("vllm.v1.worker.gpu.model_runner:GPUModelRunner",),
         ("finish_requests", "add_requests", "prepare_inputs"),
     ),
+    # V2 picks a step's CUDA graph (or none) through this module-level helper; capture steps need none.
+    "runner_v2_module": Seam(("vllm.v1.worker.gpu.model_runner",), ("dispatch_cg_and_sync_dp",)),
+    "tp_rank": Seam(("vllm.distributed.parallel_state:get_tensor_model_parallel_rank",)),
     "kv_cache_utils": Seam(("vllm.v1.core.kv_cache_utils",), ("generate_block_hash_extra_keys",)),
     "AttentionLayerBase": Seam(("vllm.model_executor.layers.attention_layer_base:AttentionLayerBase",)),
     "PPMissingLayer": Seam(("vllm.model_executor.models.utils:PPMissingLayer",)),

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from unlock.ops import TOKEN_CLASSES, class_terms
+from unlock_vllm.capture import Recorder
 from unlock_vllm.registry import WorkerRegistry
 from unlock_vllm.request import EXTRA_ARGS_KEY, MAX_SELECTED, decode_selection
 from unlock_vllm.staging import Staging
@@ -32,14 +33,14 @@ STATE_ATTR = "unlock_state"  # the model runner's attribute holding its Steering
 UNSTEERED = (0,) * len(TOKEN_CLASSES)
 
 
-def _make_hook(dirs: torch.Tensor, gate: torch.Tensor, terms: TermRows, token_row: torch.Tensor):
-    """A forward hook for one decoder layer; tensors only, so compiled graphs read the live values."""
+def _make_hook(layer: int, dirs: torch.Tensor, gate: torch.Tensor, terms: TermRows, token_row: torch.Tensor):
+    """A forward hook for decoder layer `layer`; tensors only, so compiled graphs read the live values."""
+    tables = (dirs, gate, terms.cap, terms.strength, terms.op, token_row)
 
     def hook(module: nn.Module, args: Any, output: Any) -> Any:
         if isinstance(output, tuple):  # (hidden, residual, ...): the stream is hidden + residual
-            hidden = steer(output[0], output[1], dirs, gate, terms.cap, terms.strength, terms.op, token_row)
-            return (hidden, *output[1:])
-        return steer(output, None, dirs, gate, terms.cap, terms.strength, terms.op, token_row)
+            return (steer(output[0], output[1], *tables, layer), *output[1:])
+        return steer(output, None, *tables, layer)
 
     return hook
 
@@ -57,6 +58,7 @@ class SteeringState:
         registry: WorkerRegistry,
         runner_class: str,
         compilation_mode: str,
+        records_captures: bool = True,
     ) -> None:
         self.registry = registry
         self.num_layers, self.hidden_size = registry.num_layers, registry.hidden_size
@@ -72,10 +74,13 @@ class SteeringState:
         self.rows_of: dict[str, tuple[int, ...]] = {}  # request id -> term row per token class
         self.handles = [
             layer.register_forward_hook(
-                _make_hook(table.dirs[table.index[i]], table.gate[table.index[i]], self.terms, self.token_row)
+                _make_hook(
+                    i, table.dirs[table.index[i]], table.gate[table.index[i]], self.terms, self.token_row
+                )
             )
             for i, layer in layers
         ]
+        self.capture = Recorder([i for i, _ in layers], records_captures)
         self.wrapped_layers = len(self.handles)
         self.steered_tokens = 0  # tokens that got a non-zero row: proof that steering ran
         self.preempted_requests = 0  # steered requests freed by preemption (they recompose on resume)
@@ -101,6 +106,7 @@ class SteeringState:
     def free(self, req_ids: Iterable[str], finished: bool) -> None:
         """Release the rows of requests that finished or were preempted (a resumed one recomposes)."""
         for req_id in req_ids:
+            self.capture.release(req_id)
             if self._release(req_id):
                 self.preempted_requests += not finished
             if finished:
@@ -110,6 +116,7 @@ class SteeringState:
         """Give a request entering the batch its term rows (all 0: runs unsteered)."""
         self._release(req_id)  # a request re-added with new input (streaming) starts over
         self.rows_of[req_id] = self._compose(req_id, sampling_params)
+        self.capture.admit(req_id, sampling_params)
 
     def _release(self, req_id: str) -> bool:
         rows = self.rows_of.pop(req_id, UNSTEERED)
@@ -154,6 +161,7 @@ class SteeringState:
         positions C..C+N-1 of each request: those below P-1 are prompt tokens, P-1 is the last prompt token
         (also under chunked prefill and after a prefix-cache hit), the rest are generated tokens.
         """
+        self.capture.plan(req_ids, num_scheduled, num_computed, num_prompt)
         rows = np.array([self.rows_of[r] for r in req_ids], dtype=np.int64).reshape(-1, len(UNSTEERED))
         changed = sorted(self.terms.dirty)
         if not rows.any() and not self._dirty and not changed:
@@ -188,5 +196,7 @@ class SteeringState:
             "term_rows_in_use": self.terms.in_use(),
             "steered_tokens": self.steered_tokens,
             "preempted_requests": self.preempted_requests,
+            "capture_requests": len(self.capture.requests),
+            "capture_held_bytes": self.capture.held_bytes,
             "table_bytes": self.table_bytes(),
         }

@@ -7,7 +7,8 @@ runs eagerly, with no graph capture, so it may branch on the indices). The CUDA 
 Triton kernel (as eager torch ops the math costs 13-28% of a GPU layer): `check_cuda_kernel` builds and runs
 it at model load, so a machine where it cannot compile or launch fails at start, saying which.
 The token-row buffer is longer than the batch (fixed address) and is sliced to the hidden's token count
-inside the kernels, so that slice stays symbolic under compile.
+inside the kernels, so that slice stays symbolic under compile. `layer` (the decoder layer's global index, a
+constant of each call site) lets capture mode (`unlock_vllm.capture`) read the stream the op is handed.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from unlock.ops import steer_hidden
+from unlock_vllm import capture
 from unlock_vllm.triton_steer import COMPILE_ERRORS, steer_triton  # imports anywhere (Triton is guarded)
 
 
@@ -28,14 +30,16 @@ def steer(
     term_strength: torch.Tensor,
     term_op: torch.Tensor,
     token_row: torch.Tensor,
+    layer: int = -1,
 ) -> torch.Tensor:
     """hidden, residual: [T, d]; the layer's tables (`unlock.ops`); token_row int64 [>= T]. Returns the new
     hidden. This body is the CPU kernel (and any device's but CUDA's)."""
+    capture.record(layer, hidden, residual)
     return steer_hidden(hidden, residual, dirs, gate, term_cap, term_strength, term_op, token_row)
 
 
 @steer.register_fake
-def _steer_fake(hidden, residual, dirs, gate, term_cap, term_strength, term_op, token_row):
+def _steer_fake(hidden, residual, dirs, gate, term_cap, term_strength, term_op, token_row, layer=-1):
     return torch.empty_like(hidden)
 
 
@@ -79,5 +83,6 @@ def kernel_failure(device: torch.device, exc: Exception) -> str:
 
 
 @steer.register_kernel("cuda")
-def _steer_cuda(hidden, residual, dirs, gate, term_cap, term_strength, term_op, token_row):
+def _steer_cuda(hidden, residual, dirs, gate, term_cap, term_strength, term_op, token_row, layer=-1):
+    capture.record(layer, hidden, residual)  # Python: runs in eager steps only, as capture steps are
     return steer_triton(hidden, residual, dirs, gate, term_cap, term_strength, term_op, token_row)

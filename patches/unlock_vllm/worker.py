@@ -69,6 +69,18 @@ class UnlockWorkerExtension:
             logger.error("unlock: unregister %s failed: %s", sha256, exc)
             return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
 
+    def unlock_capture_take(self, capture_id: str) -> dict[str, Any]:
+        """The rows this worker recorded for capture call `capture_id`, forgotten here (`capture.Recorder`):
+        safetensors bytes, empty when it recorded none (another TP rank, stage or engine did)."""
+        state = self._unlock_state()
+        if state is None:
+            return {"ok": False, "error": _not_installed()}
+        try:
+            return {"ok": True, "error": None, "data": state.capture.take(capture_id), **self._unlock_where()}
+        except Exception as exc:
+            logger.error("unlock: capture %s failed: %s", capture_id, exc)
+            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
     def unlock_status(self) -> dict[str, Any]:
         state = self._unlock_state()
         if state is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 from unlock_vllm import seams
@@ -18,12 +19,13 @@ WRAPPED = "__unlock_wrapped__"  # the attribute that marks a wrapper of ours
 MakeWrapper = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
-def wrap(cls: type, name: str, make: MakeWrapper) -> None:
-    """Replace `cls.name` by `make(original)`, once."""
+def wrap(cls: type | ModuleType, name: str, make: MakeWrapper) -> None:
+    """Replace `cls.name` (a method, or a module's function) by `make(original)`, once."""
     original = cls.__dict__.get(name)
     if original is None:
+        where = f"{cls.__module__}.{cls.__qualname__}" if isinstance(cls, type) else cls.__name__
         raise RuntimeError(
-            f"unlock: {cls.__module__}.{cls.__qualname__}.{name} does not exist in "
+            f"unlock: {where}.{name} does not exist in "
             f"{seams.vllm_version()}; unlock-serve supports {seams.SUPPORTED}"
         )
     if getattr(original, WRAPPED, False):

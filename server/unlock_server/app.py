@@ -13,6 +13,8 @@ from fastapi import FastAPI, Request
 from starlette.routing import BaseRoute
 
 from .auth import AuthMiddleware
+from .capture import CAPTURE_PATH
+from .capture import router as capture_router
 from .coordination import coordination_for
 from .engine import Workers
 from .errors import APIError
@@ -84,6 +86,7 @@ def install(
     app.state.unlock_settings = settings
     _drop_routes(app.router.routes, REPLACED_PATHS)
     app.include_router(router)
+    app.include_router(capture_router)
     app.include_router(playground_router)
 
     @app.exception_handler(APIError)
@@ -108,7 +111,7 @@ def install(
     # first request. Added last = outermost: auth runs before the body is read or rewritten, and the
     # concurrency limit answers 429 before a body is read.
     app.middleware_stack = None
-    app.add_middleware(SelectionMiddleware, service=service, exempt=frozenset({UPLOAD_PATH}))
+    app.add_middleware(SelectionMiddleware, service=service, exempt=frozenset({UPLOAD_PATH, CAPTURE_PATH}))
     app.add_middleware(ConcurrencyLimitMiddleware, limit=settings.max_concurrent_requests)
     app.add_middleware(AuthMiddleware, settings=settings)
     return app

@@ -17,6 +17,7 @@ __all__ = [
     "EXTRA_ARGS_KEY",  # the key of `vllm_xargs` that carries the wire selection, defined by the plugin
     "EngineRPCError",
     "Workers",
+    "capture_params",
     "check_engine_config",
     "encode_selection",
     "engine_kwargs",
@@ -92,3 +93,24 @@ class Workers:
 
     async def status(self) -> list[dict[str, Any]]:
         return await self._call("unlock_status")
+
+    async def capture_take(self, capture_id: str) -> list[bytes]:
+        """Every worker's rows of capture call `capture_id` (safetensors bytes, empty where it recorded
+        none); EngineRPCError if a worker failed it."""
+        results = await self._call("unlock_capture_take", capture_id)
+        failed = [r for r in results if not r.get("ok")]
+        if failed:
+            raise EngineRPCError(
+                f"capture failed on {len(failed)}/{len(results)} workers: {failed[0].get('error')}"
+            )
+        return [r.get("data") or b"" for r in results]
+
+
+def capture_params(capture_id: str, index: int, layers: list[int], positions: str) -> Any:
+    """The sampling params of one prompt of a capture call: unsteered, greedy, one token, marked for the
+    workers' recorder (`unlock_vllm.capture`)."""
+    from unlock_vllm.capture import CAPTURE_KEY, capture_args
+    from vllm import SamplingParams
+
+    extra = {CAPTURE_KEY: capture_args(capture_id, index, layers, positions)}
+    return SamplingParams(temperature=0.0, max_tokens=1, extra_args=extra)

@@ -51,6 +51,7 @@ def build_engine(args: Namespace, max_strength: float | None = None) -> Any:
 
 async def serve(args: Namespace, settings: Settings, on_start: Any = None) -> None:
     import uvicorn
+    from unlock_vllm import seams
 
     engine = build_engine(args, settings.max_strength)
     try:
@@ -72,7 +73,17 @@ async def serve(args: Namespace, settings: Settings, on_start: Any = None) -> No
             app.state.unlock_service.shape.served_names[0],
             settings.registry_dir,
         )
-        await uvicorn.Server(config).serve()
+        server = uvicorn.Server(config)
+        # vLLM's rule for a dead engine core: its error handler and watchdog stop the server (they read
+        # `app.state.server`), so an orchestrator restarts the process instead of it answering 500 forever.
+        app.state.server = server
+        watchdog = asyncio.get_running_loop().create_task(seams.get("watchdog_loop")(server, engine))
+        try:
+            await server.serve()
+        finally:
+            watchdog.cancel()
+        if engine.errored:
+            raise SystemExit("unlock-serve: the vLLM engine died; exiting so that the process is restarted")
     finally:
         engine.shutdown()
 

@@ -39,24 +39,43 @@ class Settings(BaseSettings):
     max_concurrent_requests: int | None = None
     # On SIGTERM: stop accepting, let in-flight requests finish for up to this long, then cancel them.
     drain_timeout: float = 30.0
-    # Seconds between reads of the shared manifest: the bound on how long a change made through another
-    # replica takes to be usable here (plus its registration on the engine).
+    # Seconds without a sync after which the shared manifest is read anyway: the fallback behind the pushed
+    # changes (changes.py), so the bound on a change a push missed, or on every change where none is pushed.
     registry_poll_interval: float = 2.0
     # The registry's manifest, writer liveness and pins in a PostgreSQL database instead of files next to the
     # blobs: for shared filesystems whose locks do not exclude across hosts (docs/server.md).
     registry_url: str | None = None
+    # One `/v1/capture` call at most: prompts, prompt tokens, bytes of the answer (rows x layers x hidden).
+    capture_max_prompts: int = 256
+    capture_max_tokens: int = 65536
+    capture_max_bytes: int = 512 * 1024 * 1024
 
     @field_validator("api_key", "admin_key")
     @classmethod
     def _blank_is_unset(cls, value: str | None) -> str | None:
         return value or None
 
-    @field_validator("max_upload_bytes", "max_concurrent_requests", "drain_timeout", "registry_poll_interval")
+    @field_validator(
+        "max_upload_bytes",
+        "max_concurrent_requests",
+        "drain_timeout",
+        "registry_poll_interval",
+        "capture_max_prompts",
+        "capture_max_tokens",
+        "capture_max_bytes",
+    )
     @classmethod
     def _positive(cls, value: float | None, info) -> float | None:
         if value is not None and value <= 0:
             raise ValueError(f"{info.field_name} must be positive, got {value}")
         return value
+
+    def capture_limits(self) -> dict[str, int]:
+        return {
+            "max_prompts": self.capture_max_prompts,
+            "max_tokens": self.capture_max_tokens,
+            "max_bytes": self.capture_max_bytes,
+        }
 
     @property
     def write_key(self) -> str | None:

@@ -223,3 +223,28 @@ def test_sigterm_drains_in_flight_and_refuses_new(server, workdir):
         assert out[0].json()["choices"][0]["text"] == expected.json()["choices"][0]["text"]
     server.proc.wait(timeout=DEADLINE_S)
     assert sorted(assert_registry_consistent(workdir / "registry")) == ["keep"]
+
+
+def test_a_dead_engine_core_stops_the_server(tiny_target_model, tmp_path):
+    """vLLM's rule, which unlock-serve runs its uvicorn under: when the engine core dies, the API process
+    exits (non-zero, saying why) instead of answering 500 to every request, so an orchestrator restarts it.
+    Its own server: this one is not restarted."""
+    proc = tiny_server(tiny_target_model, tmp_path / "registry", tmp_path / "server.log").start()
+    try:
+        cores = [
+            p
+            for p in psutil.Process(proc.proc.pid).children(recursive=True)
+            if "EngineCore" in " ".join(p.cmdline())
+        ]
+        assert cores, "no VLLM::EngineCore process under the server"
+        for core in cores:
+            core.kill()
+        try:
+            response = complete(proc.url)
+            assert response.status_code >= 500, response.text
+        except httpx.HTTPError:
+            pass  # the server may already be gone
+        assert proc.proc.wait(timeout=DEADLINE_S) != 0
+        assert "the vLLM engine died" in proc.log()
+    finally:
+        proc.stop()

@@ -263,3 +263,45 @@ def check_equivalence(outputs: list[dict], oracle, label: str) -> None:
             assert ref.token_ids != base.token_ids, (
                 f"prompt {i} {sel}: the strength does not change greedy output"
             )
+
+
+# Capture mode (`unlock_vllm.capture`): prompts of several KV blocks (32 tokens) and a few shorter ones.
+CAPTURE_PROMPTS = [" ".join(PROMPTS[:6]), PROMPTS[0], PROMPTS[3], " ".join(PROMPTS[4:])]
+
+
+def capture_phase(capture_id: str, positions: str, layers: list[int], requests: list[dict]) -> dict:
+    """A phase whose batch holds `requests` and capture requests for CAPTURE_PROMPTS."""
+    capture = {"id": capture_id, "prompts": CAPTURE_PROMPTS, "layers": layers, "positions": positions}
+    return {"requests": requests, "capture": capture}
+
+
+@pytest.fixture(scope="session")
+def hf_streams(tiny_target_model):
+    """The HF reference of the capture prompts: per prompt, float32 [tokens, layers, hidden]."""
+    from unlock.capture import capture_all_positions, load_model
+
+    lm = load_model(str(tiny_target_model), "float32", "cpu")
+    _, layers = capture_all_positions(lm, CAPTURE_PROMPTS, batch_size=4, dtype=torch.float32)
+    rows = torch.stack(layers, dim=1)  # [all tokens, layers, hidden]
+    lengths = [len(lm.tokenizer(p).input_ids) for p in CAPTURE_PROMPTS]
+    return list(rows.split(lengths))
+
+
+def check_capture(replies: list[dict], hf: list[torch.Tensor], positions: str, layers: list[int]) -> None:
+    """Exactly one rank recorded the call (the first TP rank), and its rows equal the HF reference at every
+    requested layer: cosine >= 0.9999 and relative error <= 1e-4 (float32), every prompt position once."""
+    assert all(r["ok"] for r in replies), replies
+    recorded = [r for r in replies if r["tensors"]]
+    assert len(recorded) == 1, [(r["rank"], len(r["tensors"])) for r in replies]
+    tensors = {k: torch.tensor(v) for k, v in recorded[0]["tensors"].items()}
+    assert recorded[0]["rank"] == 0
+    assert len(tensors) == len(hf) * (len(layers) + 1), sorted(tensors)
+    for index, want in enumerate(hf):
+        tokens = want.shape[0]
+        expected = list(range(tokens)) if positions == "all" else [tokens - 1]
+        assert tensors[f"{index}.positions"].tolist() == expected, f"prompt {index}"
+        for layer in layers:
+            got, ref = tensors[f"{index}.layer.{layer}"], want[expected, layer]
+            cosine = torch.nn.functional.cosine_similarity(got, ref, dim=-1).min().item()
+            relative = ((got - ref).norm() / ref.norm()).item()
+            assert cosine >= 0.9999 and relative <= 1e-4, (index, layer, cosine, relative)

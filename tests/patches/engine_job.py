@@ -11,6 +11,9 @@ phases: [{"register": [path, ...], "unregister": [sha, ...], "requests": [{"prom
 A selection is [[sha256, strength, mode], ...]; the phases run one after the other, each request list as
 one engine batch. Instead of "prompt" a request may give "extend": {"phase": i, "extra": [ids]}: the
 token ids of phase i's first request, its generated tokens and `extra` (a follow-up turn).
+A phase may also hold "capture": {"id", "prompts", "layers", "positions"[, "take": false]}: capture
+requests (as the API server sends them: unsteered, one token, a cache salt of their own) run in the same batch
+as the phase's requests; the phase then records every rank's `unlock_capture_take` reply, tensors as lists.
 """
 
 from __future__ import annotations
@@ -103,6 +106,28 @@ def _prompt(request: dict, done: list[dict]):
     }
 
 
+def _capture_requests(capture: dict) -> tuple[list, list]:
+    from unlock_vllm.capture import CAPTURE_KEY, capture_args
+    from vllm import SamplingParams
+
+    prompts, params = [], []
+    for index, prompt in enumerate(capture["prompts"]):
+        prompts.append({"prompt": prompt, "cache_salt": f"{capture['id']}-{index}"})
+        args = capture_args(capture["id"], index, capture["layers"], capture["positions"])
+        params.append(SamplingParams(temperature=0.0, max_tokens=1, extra_args={CAPTURE_KEY: args}))
+    return prompts, params
+
+
+def _taken(replies: list[dict]) -> list[dict]:
+    from safetensors.torch import load
+
+    return [
+        {"rank": r.get("rank"), "ok": r["ok"], "error": r["error"],
+         "tensors": {k: v.tolist() for k, v in load(r["data"]).items()} if r.get("data") else {}}
+        for r in replies
+    ]  # fmt: skip
+
+
 def run_sync(spec: dict) -> dict:
     from vllm import LLM
 
@@ -116,11 +141,17 @@ def run_sync(spec: dict) -> dict:
         for sha in phase.get("unregister", []):
             record["unregister"].append(rpc("unlock_unregister", args=(sha,))[0])
         requests = phase.get("requests", [])
-        if requests:
-            prompts = [_prompt(r, result["phases"]) for r in requests]
-            params = [_params(spec, r) for r in requests]
+        capture = phase.get("capture")
+        prompts = [_prompt(r, result["phases"]) for r in requests]
+        params = [_params(spec, r) for r in requests]
+        if capture:
+            more_prompts, more_params = _capture_requests(capture)
+            prompts, params = prompts + more_prompts, params + more_params
+        if prompts:
             outputs = llm.generate(prompts, params, use_tqdm=False)
-            record["outputs"] = [_result(o) for o in outputs]
+            record["outputs"] = [_result(o) for o in outputs[: len(requests)]]
+        if capture and capture.get("take", True):
+            record["capture"] = _taken(rpc("unlock_capture_take", args=(capture["id"],)))
         if rpc:
             record["status"] = rpc("unlock_status")[0]
         result["phases"].append(record)

