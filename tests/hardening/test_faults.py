@@ -69,16 +69,22 @@ def in_flight(server, name: str) -> int:
     return httpx.get(f"{server.url}/v1/capabilities/{name}", timeout=30).json()["in_flight"]
 
 
-@contextmanager
-def engine_stopped(server) -> Iterator[None]:
-    """SIGSTOP vLLM's engine core process (it runs the model), SIGCONT on exit. The API process keeps
-    serving, so requests are accepted and counted, but none can finish meanwhile."""
+def engine_cores(server) -> list[psutil.Process]:
+    """vLLM's engine core processes under the server (they run the model)."""
     cores = [
         p
         for p in psutil.Process(server.proc.pid).children(recursive=True)
         if "EngineCore" in " ".join(p.cmdline())
     ]
     assert cores, "no VLLM::EngineCore process under the server"
+    return cores
+
+
+@contextmanager
+def engine_stopped(server) -> Iterator[None]:
+    """SIGSTOP vLLM's engine core process, SIGCONT on exit. The API process keeps serving, so requests are
+    accepted and counted, but none can finish meanwhile."""
+    cores = engine_cores(server)
     for core in cores:
         core.suspend()
     try:
@@ -231,13 +237,7 @@ def test_a_dead_engine_core_stops_the_server(tiny_target_model, tmp_path):
     Its own server: this one is not restarted."""
     proc = tiny_server(tiny_target_model, tmp_path / "registry", tmp_path / "server.log").start()
     try:
-        cores = [
-            p
-            for p in psutil.Process(proc.proc.pid).children(recursive=True)
-            if "EngineCore" in " ".join(p.cmdline())
-        ]
-        assert cores, "no VLLM::EngineCore process under the server"
-        for core in cores:
+        for core in engine_cores(proc):
             core.kill()
         try:
             response = complete(proc.url)
