@@ -11,7 +11,6 @@ is split in two until each part fits.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from unlock_client import UnlockAPIError, UnlockClient
 
 from unlock.artifacts import write_atomic
 from unlock.capture import check_finite
-from unlock.streams import STREAMS_TAG, STREAMS_VERSION, Chunk, chunk_paths, store_dir_of
+from unlock.streams import Chunk, chunk_metadata, chunk_paths, store_dir_of
 
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 TIMEOUT_S = 600.0  # one call: a batch of prompts through the served model
@@ -152,20 +151,9 @@ class ServedTarget:
             tensors = self.capture(chunk, "all", "float16")
             layers = torch.stack([tensors[f"layer.{layer}"] for layer in range(self.num_layers)], dim=1)
             check_finite(layers, self.name, rows_of=tensors["lengths"].tolist())  # [rows, layers, hidden]
-            write_atomic(path, save_safetensors(tensors, self.chunk_metadata(chunk)))
+            metadata = chunk_metadata(self.name, self.num_layers, self.hidden_size, False, chunk)
+            write_atomic(path, save_safetensors(tensors, metadata))
         return [Chunk.open(path) for path in paths]
-
-    def chunk_metadata(self, prompts: Sequence[str]) -> dict[str, str]:
-        """What `unlock.streams.write_chunk` records about a chunk."""
-        return {
-            "format": STREAMS_TAG,
-            "format_version": STREAMS_VERSION,
-            "model": self.name,
-            "num_layers": str(self.num_layers),
-            "hidden_size": str(self.hidden_size),
-            "chat_template": "false",
-            "prompts": json.dumps(list(prompts), ensure_ascii=False),
-        }
 
 
 def concat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -119,16 +119,23 @@ def write_chunk(lm: LoadedModel, prompts: Sequence[str], path: Path, batch_size:
     tensors["ids"] = torch.tensor([t for ids, _ in tokens for t in ids], dtype=torch.int64)
     tensors["ends"] = torch.tensor([e for _, ends in tokens for e in ends], dtype=torch.int64)
     tensors["lengths"] = torch.tensor([len(ids) for ids, _ in tokens], dtype=torch.int64)
-    metadata = {
+    metadata = chunk_metadata(lm.name, lm.num_layers, lm.hidden_size, chat, prompts)
+    write_atomic(path, save_safetensors(tensors, metadata))
+
+
+def chunk_metadata(
+    model: str, num_layers: int, hidden_size: int, chat: bool, prompts: Sequence[str]
+) -> dict[str, str]:
+    """What a chunk records about itself (`Chunk.open` checks its format), wherever it was captured."""
+    return {
         "format": STREAMS_TAG,
         "format_version": STREAMS_VERSION,
-        "model": lm.name,
-        "num_layers": str(lm.num_layers),
-        "hidden_size": str(lm.hidden_size),
+        "model": model,
+        "num_layers": str(num_layers),
+        "hidden_size": str(hidden_size),
         "chat_template": str(chat).lower(),
         "prompts": json.dumps(list(prompts), ensure_ascii=False),
     }
-    write_atomic(path, save_safetensors(tensors, metadata))
 
 
 def capture_streams(

@@ -30,7 +30,6 @@ from .errors import APIError
 CAPTURE_PATH = "/v1/capture"
 MAX_BODY_BYTES = 16 * 1024 * 1024  # of the request's JSON: prompts are text
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-STREAMS_TAG, STREAMS_VERSION = "unlock.streams", "1"  # `unlock.streams`: the chunk a response equals
 
 router = APIRouter(dependencies=[Depends(require_admin)])
 
@@ -181,14 +180,10 @@ def _assemble(
         [t.ends[p] for t, ps in zip(tokens, picked, strict=True) for p in ps], dtype=torch.int64
     )
     tensors["lengths"] = torch.tensor([len(ps) for ps in picked], dtype=torch.int64)
+    from unlock.streams import chunk_metadata
+
     metadata = {
-        "format": STREAMS_TAG,
-        "format_version": STREAMS_VERSION,
-        "model": info["name"],
-        "num_layers": str(info["num_layers"]),
-        "hidden_size": str(info["hidden_size"]),
-        "chat_template": "false",
-        "prompts": json.dumps(body.prompts, ensure_ascii=False),
+        **chunk_metadata(info["name"], info["num_layers"], info["hidden_size"], False, body.prompts),
         "positions": body.positions,
         "layers": json.dumps(layers),
         "dtype": body.dtype,
