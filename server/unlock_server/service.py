@@ -183,8 +183,11 @@ class CapabilityService:
         while True:
             if not self._woken.is_set():
                 wait = self._applied_at + self.poll_interval - time.monotonic()
+                # Not `asyncio.wait_for`: on Python 3.11 it swallows a cancel (`stop`) that lands as the wake
+                # does, and following would never end.
                 try:
-                    await asyncio.wait_for(self._woken.wait(), max(wait, 0.0))
+                    async with asyncio.timeout(max(wait, 0.0)):
+                        await self._woken.wait()
                 except TimeoutError:
                     pass
             woken = self._woken.is_set()

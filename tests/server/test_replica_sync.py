@@ -201,6 +201,22 @@ def test_a_restarted_replica_registers_everything(run_pair, tmp_path, registry_u
     run_pair(scenario)
 
 
+def test_stop_ends_following_even_when_a_change_is_heard_in_the_same_moment(tmp_path):
+    """A wake and the stop's cancellation landing together once made the follower swallow the cancel
+    (`asyncio.wait_for` on Python 3.11 returns a result that is ready instead of raising), so `stop` waited
+    for it forever."""
+
+    async def main():
+        service = replica(tmp_path / "shared")
+        await service.start()
+        await asyncio.sleep(0.05)  # the follower is waiting for a wake or the poll
+        service._wake("inotify", None)
+        await asyncio.wait_for(service.stop(), 5.0)
+        assert all(task.done() for task in service._followers)
+
+    asyncio.run(main())
+
+
 class RefusingWorkers(FakeWorkers):
     async def register(self, path: str, sha256: str) -> None:
         raise EngineRPCError(f"registering {sha256[:12]} failed on 1/1 workers: registry full")
