@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-# Seconds from another replica's manifest write to its registration here: the listener's delivery (or, when
-# polling, up to the poll interval, 2 s by default) plus the registration itself.
+# Seconds from another replica's manifest write until requests here see it (a new content registered and
+# usable, a deleted name refused): the listener's delivery (or, when polling, up to the poll interval, 2 s by
+# default) plus the registration itself; unregistering deleted content from the engine comes after.
 PROPAGATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 30, 60)
 
 
@@ -40,7 +41,7 @@ class Metrics:
         )
         self.propagation = Histogram(
             "unlock_registry_propagation_seconds",
-            "Delay from a manifest change by another replica to its registration on this one.",
+            "Delay from a manifest change by another replica until requests on this one see it.",
             buckets=PROPAGATION_BUCKETS,
             registry=registry,
         )

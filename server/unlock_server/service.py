@@ -233,9 +233,9 @@ class CapabilityService:
             changed = True
             self._unavailable.pop(name, None)
         self._view = dict(manifest.entries)
+        now = time.time()  # requests see the change from here (usable, or refused), before any unregistering
         for sha256 in {e.sha256 for e in old.values()} - {e.sha256 for e in self._view.values()}:
             await self._retire(sha256)
-        now = time.time()
         if changed and self._last_sync and manifest.writer not in (None, self.registry.owner):
             # Measured from the last manifest write this sync saw; hosts' clocks must agree (NTP).
             self._last_propagation = max(0.0, now - manifest.updated_at)

@@ -167,6 +167,27 @@ def test_delete_elsewhere_waits_for_requests_in_flight_here(run_pair):
     run_pair(scenario)
 
 
+def test_a_delete_has_propagated_when_it_is_refused_not_when_the_engine_lets_go(run_pair):
+    """Unregistering from a busy engine waits for a step; `propagation` (and its histogram) measures until
+    requests here see the change, which for a delete is when the name is refused."""
+
+    async def scenario(a: CapabilityService, b: CapabilityService) -> None:
+        sha = (await upload(a, V1))["sha256"]
+        await until(lambda: usable(b, "steer") == sha, within=POLL + 1)
+        unregister = b.workers.unregister
+
+        async def slow_unregister(sha256: str) -> None:
+            await asyncio.sleep(1.5)
+            await unregister(sha256)
+
+        b.workers.unregister = slow_unregister
+        await a.delete("steer")
+        await until(lambda: sha not in b.workers.registered, within=POLL + 3)
+        assert b.sync_status()["propagation"] < 1.0
+
+    run_pair(scenario)
+
+
 def test_writes_judge_conflicts_on_the_disk_not_a_stale_view(run_pair):
     async def scenario(a: CapabilityService, b: CapabilityService) -> None:
         b.poll_interval = 3600  # b (deaf) will not poll again: only its own writes read the disk
