@@ -6,22 +6,20 @@ test_served_target.py."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save as save_safetensors
 from serve_harness import free_port
+from served_builds import DEMO, TARGET_KEYS, build
 from unlock_client import UnlockAPIError, UnlockClient
 
-from unlock import Capability
 from unlock.capture import capture_all_positions, capture_last_token, load_model
 from unlock.cli import main
 from unlock.identity import config_sha256, model_name
 from unlock.served import ServedTarget
 from unlock.streams import capture_streams, load_layer, token_ends
 
-DEMO = Path(__file__).resolve().parents[2] / "unlock" / "data" / "demo_questions.jsonl"
 PROMPTS = [
     "Question: Tom has 3 apples and buys 5 more. How many apples does he have now?\nAnswer:",
     "A train travels 60 miles in 2 hours. What is its speed in miles per hour?",
@@ -153,18 +151,6 @@ def test_chat_template_with_a_served_target_is_refused_before_anything_runs(tmp_
     with pytest.raises(SystemExit):  # exactly one of the two
         main([*args[:-1], "--target", str(tmp_path)])
     assert "not allowed with argument" in capsys.readouterr().err
-
-
-def build(out: Path, source: Path, *target: str) -> Capability:
-    argv = ["build", "--source-locked", str(source), *target, "--data", str(DEMO), "-n", "16",
-            "--rank", "8", "--ridge", "0.3", "--layers", "1-3", "--name", "cot", "-o", str(out),
-            "--device", "cpu"]  # fmt: skip
-    assert main(argv) == 0
-    return Capability.load(out)
-
-
-TARGET_KEYS = ("target_name", "target_architecture", "target_num_layers", "target_hidden_size",
-               "target_config_sha256")  # fmt: skip
 
 
 def test_build_through_the_endpoint_equals_build_from_the_folder(

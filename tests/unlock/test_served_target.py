@@ -5,13 +5,11 @@ any source capture. The client's side alone, against the endpoint's contract: te
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from serve_harness import tiny_server
+from served_builds import DEMO, TARGET_KEYS, build
 
-from unlock import Capability
 from unlock.capture import capture_all_positions, capture_last_token, format_prompts, load_model
 from unlock.cli import main
 from unlock.data import load_questions
@@ -23,11 +21,8 @@ from unlock.templates import load_template
 pytestmark = pytest.mark.engine  # starts a real unlock-serve (tests/engine_guard.py)
 
 API_KEY, ADMIN_KEY = "served-api-key", "served-admin-key"
-DEMO = Path(__file__).resolve().parents[2] / "unlock" / "data" / "demo_questions.jsonl"
 # Small limits, so that the client's calls are split as a large capture's would be.
 LIMITS = {"UNLOCK_CAPTURE_MAX_PROMPTS": "6", "UNLOCK_CAPTURE_MAX_TOKENS": "600"}
-TARGET_KEYS = ("target_name", "target_architecture", "target_num_layers", "target_hidden_size",
-               "target_config_sha256")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -99,14 +94,6 @@ def test_unlock_capture_through_the_server_writes_unlock_capture_chunks(server, 
     for layer in range(4):
         got, want = load_layer(chunks, layer).float(), load_layer(reference, layer).float()
         assert_close(got, want, f"float16 chunks, layer {layer}")
-
-
-def build(out: Path, source: Path, *target: str) -> Capability:
-    argv = ["build", "--source-locked", str(source), *target, "--data", str(DEMO), "-n", "16",
-            "--rank", "8", "--ridge", "0.3", "--layers", "1-3", "--name", "cot", "-o", str(out),
-            "--device", "cpu"]  # fmt: skip
-    assert main(argv) == 0
-    return Capability.load(out)
 
 
 def test_build_through_the_server_equals_build_from_the_folder(
