@@ -39,6 +39,16 @@ CASES = {
 STRENGTHS = "0.02,0.03,0.04,0.05,0.07,0.1,0.2"  # the grid the sweeps were run on
 
 
+def calibrate_served(server: Server, artifact: Path, out: Path) -> subprocess.CompletedProcess:
+    """`unlock calibrate` of `artifact` through `server`, on MATH problems 0-31 (no labels), over STRENGTHS;
+    the calibrated capability goes to `out` (its table on stdout, a refusal's reason on stderr)."""
+    return subprocess.run(
+        [str(BIN / "unlock"), "calibrate", str(artifact), "--url", server.url, "--admin-key", ADMIN_KEY,
+         "--data", str(MATH), "--field", "problem", "-n", "32", "--strengths", STRENGTHS, "-o", str(out)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+
+
 def sweep_accuracy(tune: Path, prefix: str) -> dict[float, float]:
     """GSM8K tuning accuracy per strength, from the saved sweep files (labels: read here only)."""
     scores = {}
@@ -56,12 +66,7 @@ def run_case(case: str, out: Path) -> dict:
     calibrated = out / f"{case}.safetensors"
     started = time.time()
     with Server(args) as server:
-        proc = subprocess.run(
-            [str(BIN / "unlock"), "calibrate", str(SWEEPS / sweep / "artifacts" / f"{artifact}.safetensors"),
-             "--url", server.url, "--admin-key", ADMIN_KEY, "--data", str(MATH), "--field", "problem",
-             "-n", "32", "--strengths", STRENGTHS, "-o", str(calibrated)],
-            capture_output=True, text=True,
-        )  # fmt: skip
+        proc = calibrate_served(server, SWEEPS / sweep / "artifacts" / f"{artifact}.safetensors", calibrated)
     accuracy = sweep_accuracy(SWEEPS / sweep / "tune", prefix)
     label_best = max(accuracy, key=lambda s: (accuracy[s], -s))
     record = {

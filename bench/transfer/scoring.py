@@ -1,7 +1,9 @@
-"""GSM8K answer parsing and the statistics of the transfer experiment (pure functions, no I/O)."""
+"""GSM8K answer parsing, the JSON-answer format check, and the statistics of the transfer experiments (pure
+functions, no I/O)."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -49,6 +51,20 @@ def gold_answer(solution: str) -> str:
     if number is None:
         raise ValueError(f"no number after '####' in gold solution: {solution[-80:]!r}")
     return number
+
+
+def json_answer(completion: str) -> tuple[bool, str | None]:
+    """The JSON-answer capability's check, judgement-free: whether the text holds a JSON object with an
+    "answer" key (the first such object counts), and that answer as a normalised number (None if it is none)."""
+    decoder = json.JSONDecoder()
+    for start in (i for i, ch in enumerate(completion) if ch == "{"):
+        try:
+            value, _ = decoder.raw_decode(completion, start)
+        except ValueError:
+            continue
+        if isinstance(value, dict) and "answer" in value:
+            return True, normalise_number(str(value["answer"]))
+    return False, None
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:

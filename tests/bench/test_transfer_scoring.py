@@ -11,6 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench" / "transfer"))
 from scoring import (  # noqa: E402
     gold_answer,
+    json_answer,
     mcnemar_exact,
     normalise_number,
     paired_change,
@@ -43,6 +44,24 @@ def test_gold_answers_and_numbers():
     assert normalise_number("-0.50") == "-0.5"
     with pytest.raises(ValueError, match="no number"):
         gold_answer("#### none")
+
+
+@pytest.mark.parametrize(
+    "completion, found",
+    [
+        ('{"answer": 42}', (True, "42")),
+        ('Sure. {"answer": "1,200"} done', (True, "1200")),
+        ('{"reasoning": "3 + 4", "answer": 7.0}\n{"answer": 9}', (True, "7")),
+        ('{"result": 5} then {"answer": 6}', (True, "6")),  # the first object with the key counts
+        ('{"answer": "unknown"}', (True, None)),  # the format holds, the answer is not a number
+        ('{"answer": 5', (False, None)),  # unterminated
+        ("{'answer': 5}", (False, None)),  # not JSON
+        ("The answer is <atok>5</atok>", (False, None)),
+        ("[5, 6]", (False, None)),
+    ],
+)
+def test_json_answer(completion, found):
+    assert json_answer(completion) == found
 
 
 def test_wilson_interval_matches_worked_values():
