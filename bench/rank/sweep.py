@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -119,6 +120,7 @@ def agree(args: argparse.Namespace) -> dict:
             "agreement_early": round(early, 4),
             "agreement_late": round(late, 4),
             "heldout_error_mean": round(sum(errors) / len(errors), 4),
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),  # the file is not committed: too large
             "file_bytes": path.stat().st_size,
             "tensor_bytes": sum(t.numel() * t.element_size() for t in cap.tensors.values()),
             "table_bytes": mapped.numel() * 4,  # what a worker keeps: dense float32 rows, any rank
