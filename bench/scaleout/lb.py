@@ -31,6 +31,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import statistics
@@ -373,6 +374,31 @@ def report(run: Run, refs: dict, plain_refs: list[str], killed_port: str, final:
     }
 
 
+SEEN = re.compile(
+    r"generation (\d+) \(by \S+\) seen here ([\d.]+) s after its write: "
+    r"read on (\w+) after ([\d.]+) s, registered in ([\d.]+) s"
+)
+
+
+def _slowest_seen(work: Path, top: int = 5) -> list[dict]:
+    """The replicas' own account of their slowest propagations (their log lines): where the time went."""
+    seen = []
+    for log in sorted(work.glob("[ab].log")):
+        for match in SEEN.finditer(log.read_text(errors="replace")):
+            generation, total, trigger, read, registered = match.groups()
+            seen.append(
+                {
+                    "replica": log.stem,
+                    "generation": int(generation),
+                    "seen_s": float(total),
+                    "trigger": trigger,
+                    "read_after_s": float(read),
+                    "registered_in_s": float(registered),
+                }
+            )
+    return sorted(seen, key=lambda r: -r["seen_s"])[:top]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", choices=("file", "postgres"), default="file")
@@ -436,6 +462,7 @@ def main() -> None:
             "blobs_left_over": sorted(set(blobs) - set(expected.values())),
             "propagation_histograms": {label: _histogram(s) for label, s in (("a", a), ("b (restarted)", b))},
             "sync": {label: _sync(s) for label, s in (("a", a), ("b (restarted)", b))},
+            "slowest_seen_by_replicas": _slowest_seen(work),
         }
         proxy.terminate()
         proxy.wait()

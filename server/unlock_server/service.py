@@ -206,11 +206,12 @@ class CapabilityService:
             if announced is not None and announced <= self._generation:
                 return
             self.metrics.syncs.labels(trigger).inc()
-            await self._apply(await asyncio.to_thread(self.registry.read))
+            manifest = await asyncio.to_thread(self.registry.read)
+            await self._apply(manifest, (trigger, time.time()))
 
-    async def _apply(self, manifest: Manifest) -> None:
+    async def _apply(self, manifest: Manifest, read: tuple[str, float] | None = None) -> None:
         """Register new and changed entries, retire content no entry names any more, then switch the view.
-        Call with `_lock` held."""
+        Call with `_lock` held. `read`: what prompted the read of `manifest`, and when it was read."""
         old = self._view
         changed = False
         for name, entry in manifest.entries.items():
@@ -240,6 +241,14 @@ class CapabilityService:
             # Measured from the last manifest write this sync saw; hosts' clocks must agree (NTP).
             self._last_propagation = max(0.0, now - manifest.updated_at)
             self.metrics.propagation.observe(self._last_propagation)
+            if read is not None:  # where a slow propagation went: hearing and reading it, or registering
+                trigger, read_at = read
+                logger.info(
+                    "capability registry generation %d (by %s) seen here %.3f s after its write: read on %s "
+                    "after %.3f s, registered in %.3f s",
+                    manifest.generation, manifest.writer, self._last_propagation, trigger,
+                    read_at - manifest.updated_at, now - read_at,
+                )  # fmt: skip
         self._generation, self._last_sync, self._applied_at = manifest.generation, now, time.monotonic()
         self.metrics.registry_size.set(len(self._view))
         self.metrics.registry_generation.set(manifest.generation)

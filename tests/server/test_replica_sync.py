@@ -6,6 +6,8 @@ missed; each retires content itself."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import time
 from pathlib import Path
 
@@ -186,6 +188,37 @@ def test_a_delete_has_propagated_when_it_is_refused_not_when_the_engine_lets_go(
         assert b.sync_status()["propagation"] < 1.0
 
     run_pair(scenario)
+
+
+def test_a_replica_logs_where_a_slow_propagation_went(run_pair, backend, caplog):
+    """Registering on a busy engine is the slow part here: the log line says so, apart from the hearing."""
+
+    async def scenario(a: CapabilityService, b: CapabilityService) -> None:
+        register = b.workers.register
+
+        async def slow_register(path: str, sha256: str) -> None:
+            await asyncio.sleep(1.0)
+            await register(path, sha256)
+
+        b.workers.register = slow_register
+        await upload(a, V1)
+        await until(lambda: usable(b, "steer") is not None, within=POLL + 3)
+
+    with caplog.at_level(logging.INFO, logger="unlock_server.service"):
+        run_pair(scenario, poll=LONG_POLL)
+    pushed = {"file": "inotify", "postgres": "notify"}[backend]
+    seen = [r.getMessage() for r in caplog.records if "seen here" in r.getMessage()]
+    assert len(seen) == 1, seen
+    match = re.search(
+        r"seen here ([\d.]+) s after its write: read on (\w+) after ([\d.]+) s, registered in ([\d.]+) s",
+        seen[0],
+    )
+    total, trigger, read, registered = float(match[1]), match[2], float(match[3]), float(match[4])
+    assert (
+        trigger == pushed
+        and read < 0.5 <= 1.0 <= registered
+        and total == pytest.approx(read + registered, abs=0.01)
+    )
 
 
 def test_writes_judge_conflicts_on_the_disk_not_a_stale_view(run_pair):
