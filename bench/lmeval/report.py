@@ -45,7 +45,7 @@ def load_row(folder: Path) -> dict[int, dict] | None:
     for sample in map(json.loads, files[-1].open()):
         item = items.setdefault(sample["doc_id"], {"text": sample["resps"][0][0], "doc": sample["doc"]})
         scores = item.setdefault("scores", {})
-        for metric in ("exact_match", "math_verify"):
+        for metric in ("exact_match", "math_verify", "math_verify_answer"):
             if metric in sample:
                 name = sample.get("filter", "none") if metric == "exact_match" else metric
                 scores[name if name != "none" else metric] = bool(sample[metric])
@@ -84,14 +84,18 @@ def report(direction: str, task: str, root: Path) -> str:
         stepwise = [i for i in items.values() if reasons(i["text"])]
         on_steps = share(sum(i["scores"][headline] for i in stepwise), len(stepwise)) if stepwise else "-"
         lines.append(f"| {row} | " + " | ".join(cells) + f" | {len(stepwise) / n:.0%} | {on_steps} |")
-    lines += ["", f"Paired on the same items ({headline}; exact McNemar):", ""]
-    lines.append("| from | to | gained | lost | p |")
-    lines.append("|---|---|---|---|---|")
+    others = [m for m in metrics if m != headline]
+    lines += ["", f"Paired on the same items (exact McNemar; {headline}, then {', '.join(others)}):", ""]
+    other_heads = "".join(f" {m}: gained / lost, p |" for m in others)
+    lines.append("| from | to | gained | lost | p |" + other_heads)
+    lines.append("|---|---|---|---|---|" + "---|" * len(others))
     for a, b in PAIRS:
         if a in rows and b in rows:
             gained, lost, p = paired(rows[a], rows[b], headline)
-            lines.append(f"| {a} | {b} | {gained} | {lost} | {p:.2g} |")
-    lines += ["", *goals(rows, headline)]
+            rest = [paired(rows[a], rows[b], m) for m in others]
+            cells = "".join(f" {g} / {lo}, {q:.2g} |" for g, lo, q in rest)
+            lines.append(f"| {a} | {b} | {gained} | {lost} | {p:.2g} |{cells}")
+    lines += ["", *(math_goal(rows, metrics) if task.startswith("unlock_math") else goals(rows, headline))]
     return "\n".join(lines) + "\n"
 
 
@@ -118,6 +122,18 @@ def goals(rows: dict[str, dict], metric: str) -> list[str]:
         if "control-mean-axis" in rows:
             axis = rate("control-mean-axis") - rate("direct")
             out.append(f"- mean-axis gains at most half of unlock's: {axis:+.1%}: {_ok(axis <= gain / 2)}")
+    return out
+
+
+def math_goal(rows: dict[str, dict], metrics: list[str]) -> list[str]:
+    """Issue 23's MATH goal, unlock above direct with p < 0.05, under each metric."""
+    if not {"direct", "unlock"} <= set(rows):
+        return []
+    out = ["Goal (issue 23, MATH): unlock above direct, p < 0.05:"]
+    for metric in metrics:
+        gained, lost, p = paired(rows["direct"], rows["unlock"], metric)
+        met = gained > lost and p < 0.05
+        out.append(f"- {metric}: {gained} gained, {lost} lost, p = {p:.2g}: {_ok(met)}")
     return out
 
 

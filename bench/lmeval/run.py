@@ -24,6 +24,7 @@ Usage: .venv/bin/python bench/lmeval/run.py qwen15-to-qwen05 [--task unlock_gsm8
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -77,6 +78,10 @@ def capabilities(direction: str, out: Path) -> dict[str, Path]:
     return paths
 
 
+# With --rescore every request is answered from the cache; a miss fails at once on this closed port.
+NO_SERVER = argparse.Namespace(url="http://127.0.0.1:9")
+
+
 def model_name(row: str) -> str:
     return {"direct": "target", "cot": "target", "same-model": "target+same"}.get(row, f"target+{row}")
 
@@ -90,6 +95,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--limit", type=int, help="first N items only (a smoke run)")
+    parser.add_argument(
+        "--rescore",
+        action="store_true",
+        help="score the rows again from the harness's request cache, with no server (after a scoring change)",
+    )
     cli = parser.parse_args()
     out = cli.out / cli.direction
     out.mkdir(parents=True, exist_ok=True)
@@ -99,8 +109,8 @@ def main() -> None:
         target=target, out=out, dtype="bfloat16", max_tokens=768, batch=cli.concurrency
     )
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "OPENAI_API_KEY": "unused"}
-    with Server(serve) as server:
-        for name, path in paths.items():
+    with contextlib.nullcontext(NO_SERVER) if cli.rescore else Server(serve) as server:
+        for name, path in paths.items() if not cli.rescore else ():
             server.upload(name, path)
         for row in cli.rows:
             task = cli.task + ("_cot" if row == "cot" else "")

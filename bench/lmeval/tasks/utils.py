@@ -1,6 +1,9 @@
 """MATH scoring for tasks/unlock_math_fresh.yaml: the harness's own MATH normalisation and equivalence
 (lm_eval.tasks.minerva_math) on the answer our prompt asks for (between <atok> and </atok>, or the last
-\\boxed{} when there is no marker), and math-verify on the whole text, as the harness does."""
+\\boxed{} when there is no marker); math-verify on the whole text, as the harness does; and math-verify on
+that asked-for answer (`math_verify_answer`). The whole-text math-verify finds a boxed or $-delimited answer
+but not the bare one the `direct` prompt asks for after <atok>, so it favours outputs that box their answer
+(steered ones do); the last metric is fair to both."""
 
 from lm_eval.tasks.minerva_math.utils import (
     is_equiv,
@@ -21,9 +24,11 @@ def answer_of(text: str) -> str:
 
 
 def process_results(doc: dict, results: list[str]) -> dict[str, int]:
-    text = results[0]
-    exact = is_equiv(normalize_final_answer(answer_of(text)), doc["answer"])
+    text, gold = results[0], parse(doc["solution"])
+    answer = answer_of(text)
+    exact = is_equiv(normalize_final_answer(answer), doc["answer"])
     return {
         "exact_match": int(exact),
-        "math_verify": int(bool(verify(gold=parse(doc["solution"]), target=parse(text)))),
+        "math_verify": int(bool(verify(gold=gold, target=parse(text)))),
+        "math_verify_answer": int(bool(answer) and bool(verify(gold=gold, target=parse(f"${answer}$")))),
     }
