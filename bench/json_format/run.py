@@ -146,7 +146,7 @@ def evaluate_rows(args: argparse.Namespace) -> None:
                 server.upload(name, args.out / "calibrated" / f"{name}.safetensors")
             template = prompt if row == "prompt" else direct
             out = args.out / "eval" / f"{row}.jsonl"
-            asyncio.run(evaluate(server, row, items, template, {name: None} if steered else None, out, serve))
+            asyncio.run(evaluate(server, row, items, template, [name] if steered else None, out, serve))
 
 
 def report(args: argparse.Namespace) -> str:

@@ -167,7 +167,7 @@ def tune(args: argparse.Namespace) -> None:
             name = label(rank)
             server.upload(name, args.out / "calibrated" / f"{name}.safetensors")
             out = args.out / "tune" / f"{name}.jsonl"
-            asyncio.run(evaluate(server, name, items, direct, {name: None}, out, serve))
+            asyncio.run(evaluate(server, name, items, direct, [name], out, serve))
 
 
 def report(args: argparse.Namespace) -> str:

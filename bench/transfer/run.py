@@ -231,11 +231,12 @@ async def evaluate(
     row: str,
     items: list[tuple[int, dict]],
     template: str,
-    capabilities: dict[str, float] | None,
+    capabilities: dict[str, float] | list[str] | None,
     out_file: Path,
     args: argparse.Namespace,
 ) -> None:
-    """Greedy completions for the items not yet in `out_file`, `args.batch` at a time."""
+    """Greedy completions for the items not yet in `out_file`, `args.batch` at a time; `capabilities` as a
+    request's `capabilities` field ({name: strength}, or [name, ...] at their default strengths)."""
     done = {r["index"] for r in read_jsonl(out_file)} if out_file.exists() else set()
     todo = [(i, item) for i, item in items if i not in done]
     client = AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=3600)

@@ -55,7 +55,7 @@ def gold_answer(solution: str) -> str:
 
 def json_answer(completion: str) -> tuple[bool, str | None]:
     """The JSON-answer capability's check, judgement-free: whether the text holds a JSON object with an
-    "answer" key (the first such object counts), and that answer as a normalised number (None if it is none)."""
+    "answer" key (the first such object counts), and that answer as a normalised number (None if none)."""
     decoder = json.JSONDecoder()
     for start in (i for i, ch in enumerate(completion) if ch == "{"):
         try:
