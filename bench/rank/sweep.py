@@ -10,7 +10,8 @@ Stages (each resumable: what exists under --out is reused):
   agree      per layer: the cosine of each rank's direction with the target's own (issue 14's `same`
              artifact) and the held-out error its artifact records; file bytes, and the table bytes a
              server keeps (the dense [layers, hidden] directions, at every rank)
-  calibrate  `unlock calibrate` of each rank through unlock-serve on the target, as bench/calibrate/check.py
+  calibrate  `unlock calibrate` of each rank (its directions stored dense: what a server holds from it
+             whatever the rank) through unlock-serve on the target, as bench/calibrate/check.py
              runs it (MATH problems 0-31, their `problem` field; issue 23's grid); a refusal is reported
   tune       GSM8K items 1000-1079 (issue 14's tuning split), greedy, the `direct` prompt, each calibrated
              capability at its default strength, and unsteered
@@ -42,7 +43,7 @@ from check import calibrate_served  # noqa: E402
 from run import BIN, Server, accuracy, evaluate, read_jsonl, run_logged  # noqa: E402
 from scoring import paired_change, wilson_interval  # noqa: E402
 
-from unlock import Capability  # noqa: E402
+from unlock import Capability, TargetInfo  # noqa: E402
 from unlock.templates import BUILTIN_TEMPLATES, render  # noqa: E402
 
 CACHE = REPO / "bench" / "cache"
@@ -50,6 +51,10 @@ ISSUE14 = REPO / "bench" / "transfer" / "results" / "issue14"
 DIRECTIONS = {"qwen15-to-qwen05": ("qwen15", "qwen05"), "qwen05-to-qwen15": ("qwen05", "qwen15")}
 STAGES = ("build", "agree", "calibrate", "tune", "report")
 TUNE_ITEMS = range(1000, 1080)
+# What `Capability.from_directions` sets itself; the rest of a rank's metadata is carried to its dense copy.
+BASE_KEYS = {"format", "format_version", "name", "mode", "default_strength", "layers", "storage",
+             "unlock_version", "target_architecture", "target_num_layers", "target_hidden_size",
+             "target_name"}  # fmt: skip
 ALIGN = ["--align-positions", "all", "--align-n", "128", "--center", "--ridge", "0.1,0.3,1"]
 
 
@@ -129,6 +134,23 @@ def agree(args: argparse.Namespace) -> dict:
     return rows
 
 
+def served_copy(args: argparse.Namespace, rank: str) -> Path:
+    """The rank's capability with its directions stored dense: what a worker holds from it at any rank, and
+    small enough to upload (the full-rank factor file is 286 MB, over the server's 64 MiB upload limit)."""
+    path = args.artifacts / f"{label(rank)}-dense.safetensors"
+    if not path.exists():
+        cap = Capability.load(args.artifacts / f"{label(rank)}.safetensors")
+        meta = {k: v for k, v in cap.metadata.items() if k not in BASE_KEYS}
+        target = TargetInfo(
+            cap.target_architecture, cap.target_num_layers, cap.target_hidden_size, cap.target_name
+        )
+        dense = Capability.from_directions(
+            cap.name, cap.target_directions(), cap.layers, cap.mode, cap.default_strength, target, meta
+        )
+        dense.save(path)
+    return path
+
+
 def calibrate(args: argparse.Namespace) -> None:
     target = CACHE / "models" / DIRECTIONS[args.direction][1]
     todo = [r for r in args.ranks if not (args.out / "calibrated" / f"{label(r)}.json").exists()]
@@ -139,7 +161,7 @@ def calibrate(args: argparse.Namespace) -> None:
     with Server(serve) as server:
         for rank in todo:
             out = args.out / "calibrated" / f"{label(rank)}.safetensors"
-            proc = calibrate_served(server, args.artifacts / f"{label(rank)}.safetensors", out)
+            proc = calibrate_served(server, served_copy(args, rank), out)
             record = {"exit": proc.returncode, "table": proc.stdout.strip(), "stderr": proc.stderr[-400:]}
             if proc.returncode == 0:
                 record["calibrated"] = Capability.load(out).default_strength
