@@ -24,6 +24,10 @@ import torch
 
 EIG_RTOL = 1e-12  # singular values below 1e-6 of the largest: treated as zero
 FULL_RANK = 2**31 - 1  # `--rank full`: k = min(pairs, d_s, d_t), every direction the rows determine
+# `unlock build`'s and `unlock align`'s rank: the smallest of the issue-24 sweep (8, 32, 128, full) within 2
+# points of full on GSM8K, at its calibrated strength (docs/RESULTS.md, "Is the map low-rank?"); its factor
+# file is a ninth of full's (32 MB against 286 MB for 1.5B -> 0.5B, within the server's 64 MiB upload limit).
+DEFAULT_RANK = 128
 
 
 def rank_label(rank: int) -> str:

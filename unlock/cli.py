@@ -16,7 +16,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from unlock._version import __version__
-from unlock.align import FULL_RANK
+from unlock.align import DEFAULT_RANK, FULL_RANK
 from unlock.artifacts import Capability
 from unlock.calibrate import DEFAULT_STRENGTHS
 from unlock.combine import combine, parse_expression, resolve
@@ -100,10 +100,10 @@ def add_align_options(parser: argparse.ArgumentParser) -> None:
         "--rank",
         dest="ranks",
         type=rank_list,
-        default=(FULL_RANK,),
+        default=(DEFAULT_RANK,),
         metavar="K[,K...]",
-        help="k = min(rank, pairs, hidden sizes); 'full' (default): every direction the rows determine; "
-        "several: the one of lowest held-out error (the paper's recipe: 16 to 32)",
+        help=f"k = min(rank, pairs, hidden sizes) (default {DEFAULT_RANK}); 'full': every direction the rows "
+        "determine; several: the one of lowest held-out error (the paper's recipe: 16 to 32)",
     )
     group.add_argument(
         "--center",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from unlock.align import FULL_RANK
+from unlock.align import DEFAULT_RANK
 
 
 @dataclass
@@ -27,8 +27,8 @@ class AlignConfig:
     target: str | None  # the target's folder (or hub id); None: the model served at `target_url`
     name: str
     # The defaults are what carried the direction in the transfer experiment (docs/unlock.md, "Defaults"):
-    # every token pair, centred, full rank, a ridge chosen by cross-validated map error.
-    ranks: tuple[int, ...] = (FULL_RANK,)  # several: the one of lowest held-out error (FitSettings)
+    # every token pair, centred, rank 128, a ridge chosen by cross-validated map error.
+    ranks: tuple[int, ...] = (DEFAULT_RANK,)  # several: the one of lowest held-out error (FitSettings)
     center: bool = True
     ridges: tuple[float, ...] = (0.1, 0.3, 1.0)  # relative to X_s^T X_s (unlock.align); 0: the paper's pinv
     holdout: float = 0.0  # fraction of alignment texts left out of the fit and scored on

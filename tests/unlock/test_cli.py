@@ -342,3 +342,14 @@ def test_generate_reads_strength_and_positions_per_capability(tmp_path):
         parse_capability(f"{path}@0.25:middle")
     with pytest.raises(ValueError, match="within ±10"):
         parse_capability(f"{path}@20")
+
+
+def test_the_default_rank_is_the_rank_sweeps_choice():
+    """128: the smallest rank within 2 points of full in issue 24's sweep (docs/RESULTS.md)."""
+    from unlock.cli import build_parser
+    from unlock.configs import AlignConfig
+
+    argv = ["--data", "q.jsonl", "--target", "t", "--name", "n", "-o", "o.safetensors"]
+    build = build_parser().parse_args(["build", "--source-locked", "s", *argv])
+    align = build_parser().parse_args(["align", "--extracted", "e.safetensors", *argv[2:]])
+    assert build.ranks == align.ranks == AlignConfig(target="t", name="n").ranks == (128,)
