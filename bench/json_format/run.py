@@ -151,7 +151,7 @@ def evaluate_rows(args: argparse.Namespace) -> None:
 
 def report(args: argparse.Namespace) -> str:
     gsm = read_jsonl(CACHE / "data" / "gsm8k_test.jsonl")
-    formats, answers = {}, {}
+    formats, answers, opens = {}, {}, {}
     for row in ROWS:
         path = args.out / "eval" / f"{row}.jsonl"
         if not path.exists():
@@ -159,6 +159,7 @@ def report(args: argparse.Namespace) -> str:
         records = {r["index"]: r for r in read_jsonl(path) if r["index"] in EVAL_ITEMS}
         checked = {i: json_answer(r["text"]) for i, r in records.items()}
         formats[row] = {i: ok for i, (ok, _) in checked.items()}
+        opens[row] = sum(r["text"].lstrip().startswith("{") for r in records.values())
         answers[row] = {i: value == gold_answer(gsm[i]["answer"]) for i, (_, value) in checked.items()}
     strengths = {}
     for name in ("json-xfer", "json-same"):
@@ -169,8 +170,9 @@ def report(args: argparse.Namespace) -> str:
     lines = [
         f"# JSON answers, {args.direction}: GSM8K test items {EVAL_ITEMS.start}-{EVAL_ITEMS.stop - 1}",
         "",
-        "| row | strength | JSON answer (95% CI) | vs direct (exact McNemar) | right answers in JSON |",
-        "|---|---|---|---|---|",
+        "| row | strength | JSON answer (95% CI) | vs direct (exact McNemar) | right answers in JSON "
+        "| opens with { |",
+        "|---|---|---|---|---|---|",
     ]
     for row, ok in formats.items():
         n, k = len(ok), sum(ok.values())
@@ -179,7 +181,7 @@ def report(args: argparse.Namespace) -> str:
         right = sum(answers[row].values())
         lines.append(
             f"| {row} | {note.get(row, '-')} | {k}/{n}, {k / n:.1%} ({lo:.1%}-{hi:.1%}) | {versus} "
-            f"| {right}/{n} |"
+            f"| {right}/{n} | {opens[row]}/{n} |"
         )
     pairs = [("control-mean-axis", "unlock"), ("control-random", "unlock"), ("unlock", "same-model")]
     lines += ["", "Paired, on the JSON check:"]
