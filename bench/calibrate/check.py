@@ -49,6 +49,19 @@ def calibrate_served(server: Server, artifact: Path, out: Path) -> subprocess.Co
     )  # fmt: skip
 
 
+def calibration_record(server: Server, artifact: Path, out: Path) -> dict:
+    """`calibrate_served`, summed up for a results file: exit status, table, the end of stderr, and the
+    chosen strength when one qualified."""
+    proc = calibrate_served(server, artifact, out)
+    record = {"exit": proc.returncode, "table": proc.stdout.strip(), "stderr": proc.stderr[-400:]}
+    if proc.returncode == 0:
+        from unlock import Capability
+
+        record["calibrated"] = Capability.load(out).default_strength
+    print(f"{artifact.stem}: {record.get('calibrated', 'refused')}\n{record['table']}", flush=True)
+    return record
+
+
 def sweep_accuracy(tune: Path, prefix: str) -> dict[float, float]:
     """GSM8K tuning accuracy per strength, from the saved sweep files (labels: read here only)."""
     scores = {}

@@ -35,9 +35,10 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 for folder in ("transfer", "calibrate", "rank"):
     sys.path.insert(0, str(REPO / "bench" / folder))
-from check import calibrate_served  # noqa: E402
+from check import calibration_record  # noqa: E402
 from control_args import mean_axis_args  # noqa: E402
 from run import BIN, Server, evaluate, random_control, read_jsonl, run_logged, same_model_capability  # noqa: E402
+from run import extract as extract_directions  # noqa: E402
 from scoring import gold_answer, json_answer, paired_change, wilson_interval  # noqa: E402
 from sweep import CACHE, DIRECTIONS, alignment  # noqa: E402
 
@@ -58,13 +59,8 @@ def models(args: argparse.Namespace) -> tuple[Path, Path]:
 def extract(args: argparse.Namespace, role: str, model: Path) -> Path:
     path = args.artifacts / f"extracted-{role}.safetensors"
     if not path.exists():
-        run_logged(
-            [str(BIN / "unlock"), "extract", "--source-locked", str(model),
-             "--data", str(CACHE / "data" / "math_test.jsonl"), "--field", "problem", "-n", "64",
-             "--locked-template", "direct", "--unlocked-template", str(TEMPLATE), "--aggregation", "mean",
-             "--batch-size", "8", "--record-paths", "-o", str(path)],
-            args.artifacts / f"extract-{role}.log",
-        )  # fmt: skip
+        log = args.artifacts / f"extract-{role}.log"
+        extract_directions(model, CACHE / "data" / "math_test.jsonl", 64, path, log, unlocked=str(TEMPLATE))
     return path
 
 
@@ -112,13 +108,8 @@ def calibrate(args: argparse.Namespace) -> None:
         )
         with Server(serve) as server:
             for name in todo:
-                proc = calibrate_served(
-                    server, args.artifacts / f"{name}.safetensors", folder / f"{name}.safetensors"
-                )
-                record = {"exit": proc.returncode, "table": proc.stdout.strip(), "stderr": proc.stderr[-400:]}
-                if proc.returncode == 0:
-                    record["calibrated"] = Capability.load(folder / f"{name}.safetensors").default_strength
-                print(f"{name}: {record.get('calibrated', 'refused')}\n{record['table']}", flush=True)
+                artifact = args.artifacts / f"{name}.safetensors"
+                record = calibration_record(server, artifact, folder / f"{name}.safetensors")
                 (folder / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     strength = json.loads((folder / "json-xfer.json").read_text()).get("calibrated")
     if strength is None:

@@ -39,11 +39,12 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO / "bench" / "transfer"))
 sys.path.insert(0, str(REPO / "bench" / "calibrate"))
-from check import calibrate_served  # noqa: E402
-from run import BIN, Server, accuracy, evaluate, read_jsonl, run_logged  # noqa: E402
+from check import calibration_record  # noqa: E402
+from run import BIN, Server, accuracy, evaluate, extract, read_jsonl, run_logged  # noqa: E402
 from scoring import paired_change, wilson_interval  # noqa: E402
 
 from unlock import Capability, TargetInfo  # noqa: E402
+from unlock.artifacts import REQUIRED_KEYS  # noqa: E402
 from unlock.templates import BUILTIN_TEMPLATES, render  # noqa: E402
 
 CACHE = REPO / "bench" / "cache"
@@ -51,10 +52,6 @@ ISSUE14 = REPO / "bench" / "transfer" / "results" / "issue14"
 DIRECTIONS = {"qwen15-to-qwen05": ("qwen15", "qwen05"), "qwen05-to-qwen15": ("qwen05", "qwen15")}
 STAGES = ("build", "agree", "calibrate", "tune", "report")
 TUNE_ITEMS = range(1000, 1080)
-# What `Capability.from_directions` sets itself; the rest of a rank's metadata is carried to its dense copy.
-BASE_KEYS = {"format", "format_version", "name", "mode", "default_strength", "layers", "storage",
-             "unlock_version", "target_architecture", "target_num_layers", "target_hidden_size",
-             "target_name"}  # fmt: skip
 ALIGN = ["--align-positions", "all", "--align-n", "128", "--center", "--ridge", "0.1,0.3,1"]
 
 
@@ -81,13 +78,8 @@ def build(args: argparse.Namespace) -> None:
     source, target = (CACHE / "models" / m for m in DIRECTIONS[args.direction])
     extracted = args.artifacts / "extracted-source.safetensors"
     if not extracted.exists():
-        run_logged(
-            [str(BIN / "unlock"), "extract", "--source-locked", str(source),
-             "--data", str(CACHE / "data" / "math_test.jsonl"), "--field", "problem", "-n", "64",
-             "--locked-template", "direct", "--unlocked-template", "cot", "--aggregation", "mean",
-             "--batch-size", "8", "--record-paths", "-o", str(extracted)],
-            args.artifacts / "extract-source.log",
-        )  # fmt: skip
+        log = args.artifacts / "extract-source.log"
+        extract(source, CACHE / "data" / "math_test.jsonl", 64, extracted, log)
     for rank in args.ranks:
         path = args.artifacts / f"{label(rank)}.safetensors"
         if path.exists():
@@ -107,13 +99,13 @@ def halves(values: list[float]) -> tuple[float, float]:
 
 
 def agree(args: argparse.Namespace) -> dict:
-    own = Capability.load(ISSUE14 / args.direction / "artifacts" / "same.safetensors")
+    own = Capability.load(ISSUE14 / args.direction / "artifacts" / "same.safetensors").target_directions()
     rows = {}
     for rank in args.ranks:
         path = args.artifacts / f"{label(rank)}.safetensors"
         cap = Capability.load(path)
         mapped = cap.target_directions()  # [L, d_t]
-        reference = own.target_directions()[cap.layers]
+        reference = own[cap.layers]
         cosines = torch.nn.functional.cosine_similarity(mapped.double(), reference.double(), dim=-1).tolist()
         errors = cap.alignment_errors
         early, late = halves(cosines)
@@ -140,7 +132,7 @@ def served_copy(args: argparse.Namespace, rank: str) -> Path:
     path = args.artifacts / f"{label(rank)}-dense.safetensors"
     if not path.exists():
         cap = Capability.load(args.artifacts / f"{label(rank)}.safetensors")
-        meta = {k: v for k, v in cap.metadata.items() if k not in BASE_KEYS}
+        meta = {k: v for k, v in cap.metadata.items() if k not in REQUIRED_KEYS}  # from_directions sets those
         target = TargetInfo(
             cap.target_architecture, cap.target_num_layers, cap.target_hidden_size, cap.target_name
         )
@@ -161,11 +153,7 @@ def calibrate(args: argparse.Namespace) -> None:
     with Server(serve) as server:
         for rank in todo:
             out = args.out / "calibrated" / f"{label(rank)}.safetensors"
-            proc = calibrate_served(server, served_copy(args, rank), out)
-            record = {"exit": proc.returncode, "table": proc.stdout.strip(), "stderr": proc.stderr[-400:]}
-            if proc.returncode == 0:
-                record["calibrated"] = Capability.load(out).default_strength
-            print(f"{label(rank)}: {record.get('calibrated', 'refused')}\n{record['table']}", flush=True)
+            record = calibration_record(server, served_copy(args, rank), out)
             (args.out / "calibrated" / f"{label(rank)}.json").write_text(json.dumps(record, indent=2) + "\n")
 
 

@@ -86,13 +86,19 @@ def extracted_file(args: argparse.Namespace, role: str) -> Path:
         shutil.copyfile(given, path)
         return path
     model = args.source if role == "source" else args.target
-    run_logged(
-        [str(BIN / "unlock"), "extract", "--source-locked", str(model), "--data", str(args.extract_data),
-         "--field", "problem", "-n", str(args.n), "--locked-template", "direct", "--unlocked-template", "cot",
-         "--aggregation", "mean", "--batch-size", "8", "--record-paths", "-o", str(path)],
-        args.out / "artifacts" / f"extract-{role}.log",
-    )  # fmt: skip
+    extract(model, args.extract_data, args.n, path, args.out / "artifacts" / f"extract-{role}.log")
     return path
+
+
+def extract(model: Path, data: Path, n: int, out: Path, log: Path, unlocked: str = "cot") -> None:
+    """`unlock extract` as the transfer experiments run it: the `problem` field of the first `n` records,
+    `direct` against `unlocked`, mean aggregation."""
+    run_logged(
+        [str(BIN / "unlock"), "extract", "--source-locked", str(model), "--data", str(data),
+         "--field", "problem", "-n", str(n), "--locked-template", "direct", "--unlocked-template", unlocked,
+         "--aggregation", "mean", "--batch-size", "8", "--record-paths", "-o", str(out)],
+        log,
+    )  # fmt: skip
 
 
 def align(args: argparse.Namespace, name: str, align_args: list[str]) -> Path:
