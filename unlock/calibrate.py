@@ -17,7 +17,10 @@ each prompt counts as
 
 The strength chosen is the smallest that maximises the fraction of prompts both switched and on topic; it
 qualifies only if that fraction reaches `min_fraction` (default one half). Otherwise no strength is given,
-and the table says why. Only the prompts' question field is ever read: no answer, no label.
+and the table says why. Where the grid stops too early (the best row, or a row where nothing switched yet, is
+its largest strength), up to `extend` larger strengths are measured, each EXTEND_FACTOR times the last, so a
+window above the grid is found rather than its edge. Only the prompts' question field is ever read: no
+answer, no label.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from tqdm import tqdm
 DEFAULT_STRENGTHS = (0.01, 0.02, 0.03, 0.04, 0.05, 0.07, 0.1, 0.14, 0.2, 0.3)
 CRITERION = "switched-and-on-topic"
 MIN_PMI = 1.0  # nats: an on-topic text is at least e times likelier after its own prompt than another's
+EXTEND_STEPS = 3  # larger strengths tried at most, past the grid, while its top is still the best
+EXTEND_FACTOR = 1.5
 
 
 class Backend(Protocol):
@@ -83,9 +88,20 @@ class Decision:
         )
 
 
+def best_row(rows: Sequence[Row]) -> Row:
+    """The smallest strength with the largest qualified fraction."""
+    return max(rows, key=lambda row: (row.qualified, -row.strength))
+
+
+def grid_stops_early(rows: Sequence[Row]) -> bool:
+    """The largest strength tried is the best one, or switches nothing: a larger one may do better."""
+    top = max(rows, key=lambda row: row.strength)
+    return best_row(rows) is top or top.switched == 0
+
+
 def decide(rows: Sequence[Row], min_fraction: float, prompts: int, max_tokens: int) -> Decision:
     """The smallest strength with the largest qualified fraction, if that fraction reaches min_fraction."""
-    best = max(rows, key=lambda row: (row.qualified, -row.strength))
+    best = best_row(rows)
     common = {"rows": tuple(rows), "min_fraction": min_fraction, "prompts": prompts, "max_tokens": max_tokens}
     if best.qualified < min_fraction:
         return Decision(
@@ -95,9 +111,14 @@ def decide(rows: Sequence[Row], min_fraction: float, prompts: int, max_tokens: i
             "model's outputs at any strength tried without taking them off their prompts",
             **common,
         )
+    edge = (
+        "; it is the largest strength tried, and a larger one may qualify more"
+        if grid_stops_early(rows)
+        else ""
+    )
     return Decision(
         best.strength,
-        f"{best.qualified:.0%} of the prompts switched and stayed on topic at {best.strength:g}",
+        f"{best.qualified:.0%} of the prompts switched and stayed on topic at {best.strength:g}{edge}",
         **common,
     )
 
@@ -119,11 +140,13 @@ async def measure(
     strengths: Sequence[float],
     concurrency: int = 16,
     progress: bool = True,
+    extend: int = 0,
 ) -> list[Row]:
-    """The signals at each strength; PMI against the next prompt of the list (a fixed derangement)."""
+    """The signals at each strength, and at up to `extend` larger ones while the grid stops early; PMI
+    against the next prompt of the list (a fixed derangement)."""
     if len(prompts) < 2:
         raise ValueError("calibration needs at least 2 prompts (PMI compares each with another)")
-    if any(not (math.isfinite(s) and s > 0) for s in strengths):
+    if not strengths or any(not (math.isfinite(s) and s > 0) for s in strengths):
         raise ValueError(f"strengths must be positive numbers, got {list(strengths)}")
     other = [prompts[(i + 1) % len(prompts)] for i in range(len(prompts))]
     gate = asyncio.Semaphore(concurrency)
@@ -146,25 +169,30 @@ async def measure(
     async def at(strength: float) -> list[tuple[str, float]]:
         return await asyncio.gather(*(one(i, strength) for i in range(len(prompts))))
 
+    async def row_at(strength: float) -> Row:
+        steered = await at(strength)
+        switched = [s[0].strip() != b[0].strip() for s, b in zip(steered, base, strict=True)]
+        on_topic = [s[1] >= max(b[1], MIN_PMI) for s, b in zip(steered, base, strict=True)]
+        n_switched = sum(switched)
+        both = sum(s and t for s, t in zip(switched, on_topic, strict=True))
+        return Row(
+            strength=strength,
+            switched=n_switched / len(prompts),
+            on_topic=both / n_switched if n_switched else 0.0,
+            qualified=both / len(prompts),
+            mean_pmi=sum(s[1] for s in steered) / len(prompts),
+            mean_chars=sum(len(s[0]) for s in steered) / len(prompts),
+        )
+
     try:
         base = await at(0.0)
-        rows = []
-        for strength in strengths:
-            steered = await at(strength)
-            switched = [s[0].strip() != b[0].strip() for s, b in zip(steered, base, strict=True)]
-            on_topic = [s[1] >= max(b[1], MIN_PMI) for s, b in zip(steered, base, strict=True)]
-            n_switched = sum(switched)
-            both = sum(s and t for s, t in zip(switched, on_topic, strict=True))
-            rows.append(
-                Row(
-                    strength=strength,
-                    switched=n_switched / len(prompts),
-                    on_topic=both / n_switched if n_switched else 0.0,
-                    qualified=both / len(prompts),
-                    mean_pmi=sum(s[1] for s in steered) / len(prompts),
-                    mean_chars=sum(len(s[0]) for s in steered) / len(prompts),
-                )
-            )
+        rows = [await row_at(strength) for strength in strengths]
+        for _ in range(extend):
+            if not grid_stops_early(rows):
+                break
+            bar.total += len(prompts)
+            larger = float(f"{max(row.strength for row in rows) * EXTEND_FACTOR:.3g}")
+            rows.append(await row_at(larger))
     finally:
         bar.close()
     return rows
@@ -216,6 +244,7 @@ def calibrate_served(
     api_key: str | None = None,
     admin_key: str | None = None,
     progress: bool = True,
+    extend: int = EXTEND_STEPS,
 ) -> Decision:
     """Upload `capability` (an `unlock.Capability`) under a temporary name, measure, decide, delete it."""
     from unlock_client import UnlockClient
@@ -229,7 +258,7 @@ def calibrate_served(
 
             async def run() -> list[Row]:
                 try:
-                    return await measure(backend, prompts, strengths, progress=progress)
+                    return await measure(backend, prompts, strengths, progress=progress, extend=extend)
                 finally:
                     await backend.close()
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from unlock._version import __version__
 from unlock.align import DEFAULT_RANK, FULL_RANK
 from unlock.artifacts import Capability
-from unlock.calibrate import DEFAULT_STRENGTHS
+from unlock.calibrate import DEFAULT_STRENGTHS, EXTEND_STEPS
 from unlock.combine import combine, parse_expression, resolve
 from unlock.configs import AlignConfig, CaptureConfig, ExtractConfig
 from unlock.data import load_questions
@@ -293,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument(
         "--strengths", type=number_list(float), default=DEFAULT_STRENGTHS, help="comma-separated grid"
     )
+    calibrate.add_argument(
+        "--extend",
+        type=int,
+        default=EXTEND_STEPS,
+        help=f"larger strengths tried past the grid while its top is the best ({EXTEND_STEPS}; 0: none)",
+    )
     calibrate.add_argument("--max-tokens", type=int, default=48, help="tokens generated per prompt (48)")
     calibrate.add_argument(
         "--min-fraction", type=float, default=0.5, help="least fraction of prompts switched and on topic"
@@ -447,6 +453,7 @@ def cmd_calibrate(args: argparse.Namespace, timer: Timer) -> None:
         model=args.model,
         api_key=args.api_key,
         admin_key=args.admin_key,
+        extend=args.extend,
     )
     print(table(decision))
     if decision.strength is None:

@@ -75,6 +75,32 @@ def test_no_qualifying_strength_is_a_refusal_not_a_number():
     assert decision.strength is None and "0% of the prompts" in decision.reason
 
 
+def test_a_window_above_the_grid_is_found_by_extending_it():
+    """The best of the grid is its top: larger strengths are tried until the best is no longer the largest."""
+    model = SwitchingModel(on=0.25, off=0.5)
+    rows = asyncio.run(measure(model, prompts(), [0.05, 0.1, 0.2], progress=False, extend=3))
+    assert [row.strength for row in rows] == [0.05, 0.1, 0.2, 0.3, 0.45]
+    decision = decide(rows, 0.5, 6, 48)
+    assert decision.strength == 0.3 and "largest strength tried" not in decision.reason
+    assert [row["strength"] for row in json.loads(decision.metadata())["rows"]][-2:] == [0.3, 0.45]
+
+
+def test_a_grid_that_already_brackets_the_window_is_not_extended():
+    model = SwitchingModel(on=0.04, off=0.08)
+    rows = asyncio.run(measure(model, prompts(), [0.02, 0.05, 0.1], progress=False, extend=3))
+    assert [row.strength for row in rows] == [0.02, 0.05, 0.1]
+
+
+def test_a_best_strength_at_the_edge_of_what_was_tried_says_so():
+    model = SwitchingModel(on=0.15, off=1.0)
+    rows = asyncio.run(measure(model, prompts(), [0.1, 0.2], progress=False, extend=0))
+    decision = decide(rows, 0.5, 6, 48)
+    assert decision.strength == 0.2 and "largest strength tried" in decision.reason
+    extended = asyncio.run(measure(model, prompts(), [0.1, 0.2], progress=False, extend=2))
+    assert [row.strength for row in extended] == [0.1, 0.2, 0.3]  # 0.3 only ties: the smallest best stays 0.2
+    assert "largest strength tried" not in decide(extended, 0.5, 6, 48).reason
+
+
 def test_decide_needs_the_fraction():
     rows = [Row(0.05, 0.6, 0.66, 0.4, 3.0, 100.0)]
     assert decide(rows, 0.5, 10, 48).strength is None
