@@ -31,7 +31,7 @@ from unlock.pairing import POSITIONS
 from unlock.pipeline import check_build, run_align, run_capture, run_extract
 from unlock.templates import BUILTIN_TEMPLATES, load_template, render
 from unlock.timer import Timer
-from unlock.validation import Limits
+from unlock.validation import DEFAULT_MAX_UPLOAD_BYTES, Limits
 
 EXIT_USAGE = 2
 PACKAGE_DATA = Path(__file__).parent / "data"  # the demo capability's extraction prompts
@@ -342,7 +342,29 @@ def align_and_write(args: argparse.Namespace, extracted: Extracted, models: Mode
         capability.save(args.output)
     print(describe(capability))
     print(f"wrote {args.output}")
+    note = upload_size_note(capability)
+    if note:
+        print(note, file=sys.stderr)
     print(models.timer.report())
+
+
+def upload_size_note(capability: Capability) -> str | None:
+    """A warning when the file is over unlock-serve's default upload limit (factors of a high rank)."""
+    size = len(capability.to_bytes())
+    if size <= DEFAULT_MAX_UPLOAD_BYTES:
+        return None
+    dense = capability.target_directions()
+    dense_mb = dense.numel() * dense.element_size() / 1e6
+    hint = (
+        f"; --store directions keeps the same steering in {dense_mb:.1f} MB (without the map), or choose "
+        "a lower --rank"
+        if capability.storage == "factors"
+        else ""
+    )
+    return (
+        f"note: {size / 2**20:.0f} MiB is over unlock-serve's default upload limit "
+        f"({DEFAULT_MAX_UPLOAD_BYTES / 2**20:.0f} MiB, --max-upload-bytes){hint}"
+    )
 
 
 def cmd_align(args: argparse.Namespace, timer: Timer) -> None:

@@ -18,6 +18,9 @@ import torch
 from unlock.ops import MODES, OPERATORS, POSITIONS, table_rows
 
 DEFAULT_MAX_STRENGTH = 10.0  # the server's UNLOCK_MAX_STRENGTH default: strengths are within ±this
+# The server's UNLOCK_MAX_UPLOAD_BYTES default (its settings keep their own copy, read before torch loads;
+# a test holds the two equal): factors of a near-full-rank map exceed it, and `unlock align` says so.
+DEFAULT_MAX_UPLOAD_BYTES = 64 * 1024 * 1024
 # Largest |strength x table-row entry| a capability may reach. Far beyond any residual stream (entries of
 # at most ~1e4), and small enough that sums of a few such terms, and the squares that norms and RMSNorm
 # take, stay finite in float32 and bfloat16.

@@ -353,3 +353,24 @@ def test_the_default_rank_is_the_rank_sweeps_choice():
     build = build_parser().parse_args(["build", "--source-locked", "s", *argv])
     align = build_parser().parse_args(["align", "--extracted", "e.safetensors", *argv[2:]])
     assert build.ranks == align.ranks == AlignConfig(target="t", name="n").ranks == (128,)
+
+
+def test_a_file_over_the_servers_upload_limit_is_flagged_with_what_to_do(monkeypatch):
+    """Factors grow with the rank (286 MB at full rank for the 1.5B -> 0.5B map); the server refuses uploads
+    over 64 MiB by default, so `align` and `build` say so, and how to store the same steering smaller."""
+    from unlock_server.settings import DEFAULT_MAX_UPLOAD_BYTES as server_default
+
+    import unlock.cli
+    from unlock.validation import DEFAULT_MAX_UPLOAD_BYTES
+
+    assert DEFAULT_MAX_UPLOAD_BYTES == server_default == 64 * 2**20
+    g = torch.Generator().manual_seed(0)
+    target = TargetInfo("Toy", 4, 8, "toy")
+    factors = [torch.randn(*shape, generator=g) for shape in ((2, 12), (2, 12, 3), (2, 3, 3), (2, 8, 3))]
+    low = Capability.from_factors("cot", *factors, [0, 2], "rotate", 0.1, target)
+    dense = Capability.from_directions("cot", low.target_directions(), [0, 2], "rotate", 0.1, target)
+    assert unlock.cli.upload_size_note(low) is None  # a few kB: nothing to say
+    monkeypatch.setattr(unlock.cli, "DEFAULT_MAX_UPLOAD_BYTES", len(dense.to_bytes()))
+    note = unlock.cli.upload_size_note(low)
+    assert note and "over unlock-serve's default upload limit" in note and "--store directions" in note
+    assert unlock.cli.upload_size_note(dense) is None
