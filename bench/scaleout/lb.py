@@ -380,7 +380,7 @@ SEEN = re.compile(
 )
 
 
-def _slowest_seen(work: Path, top: int = 5) -> list[dict]:
+def slowest_seen(work: Path, top: int = 5) -> list[dict]:
     """The replicas' own account of their slowest propagations (their log lines): where the time went."""
     seen = []
     for log in sorted(work.glob("[ab].log")):
@@ -462,7 +462,7 @@ def main() -> None:
             "blobs_left_over": sorted(set(blobs) - set(expected.values())),
             "propagation_histograms": {label: _histogram(s) for label, s in (("a", a), ("b (restarted)", b))},
             "sync": {label: _sync(s) for label, s in (("a", a), ("b (restarted)", b))},
-            "slowest_seen_by_replicas": _slowest_seen(work),
+            "slowest_seen_by_replicas": slowest_seen(work),
         }
         proxy.terminate()
         proxy.wait()

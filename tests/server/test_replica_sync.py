@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +23,9 @@ from unlock_server.metrics import Metrics
 from unlock_server.registry import Registry
 from unlock_server.selection import Choice
 from unlock_server.service import CapabilityService, ModelShape
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench" / "scaleout"))
+from lb import SEEN, slowest_seen  # noqa: E402
 
 POLL = 0.1
 LONG_POLL = 30.0  # no poll in a test's time: only a push explains a change arriving
@@ -190,7 +193,7 @@ def test_a_delete_has_propagated_when_it_is_refused_not_when_the_engine_lets_go(
     run_pair(scenario)
 
 
-def test_a_replica_logs_where_a_slow_propagation_went(run_pair, backend, caplog):
+def test_a_replica_logs_where_a_slow_propagation_went(run_pair, backend, caplog, tmp_path):
     """Registering on a busy engine is the slow part here: the log line says so, apart from the hearing."""
 
     async def scenario(a: CapabilityService, b: CapabilityService) -> None:
@@ -209,16 +212,18 @@ def test_a_replica_logs_where_a_slow_propagation_went(run_pair, backend, caplog)
     pushed = {"file": "inotify", "postgres": "notify"}[backend]
     seen = [r.getMessage() for r in caplog.records if "seen here" in r.getMessage()]
     assert len(seen) == 1, seen
-    match = re.search(
-        r"seen here ([\d.]+) s after its write: read on (\w+) after ([\d.]+) s, registered in ([\d.]+) s",
-        seen[0],
-    )
-    total, trigger, read, registered = float(match[1]), match[2], float(match[3]), float(match[4])
+    match = SEEN.search(seen[0])  # the pattern bench/scaleout reads these lines with
+    total, trigger, read, registered = float(match[2]), match[3], float(match[4]), float(match[5])
     assert (
         trigger == pushed
         and read < 0.5 <= 1.0 <= registered
         and total == pytest.approx(read + registered, abs=0.01)
     )
+    (tmp_path / "b.log").write_text(f"INFO noise\n{seen[0]}\n")
+    assert slowest_seen(tmp_path) == [  # how bench/scaleout reports them
+        {"replica": "b", "generation": int(match[1]), "seen_s": total, "trigger": pushed,
+         "read_after_s": read, "registered_in_s": registered}
+    ]  # fmt: skip
 
 
 def test_writes_judge_conflicts_on_the_disk_not_a_stale_view(run_pair):
