@@ -122,6 +122,14 @@ def goals(rows: dict[str, dict], metric: str) -> list[str]:
         if "control-mean-axis" in rows:
             axis = rate("control-mean-axis") - rate("direct")
             out.append(f"- mean-axis gains at most half of unlock's: {axis:+.1%}: {_ok(axis <= gain / 2)}")
+    if {"unlock", "same-model"} <= set(rows):
+        own = rows["same-model"]
+        low, high = wilson_interval(sum(i["scores"][metric] for i in own.values()), len(own))
+        met = low <= rate("unlock") <= high
+        out.append(
+            f"- moonshot, unlock within same-model's 95% interval: {rate('unlock'):.1%} against "
+            f"{rate('same-model'):.1%} ({low:.1%}-{high:.1%}): {_ok(met)}"
+        )
     return out
 
 
