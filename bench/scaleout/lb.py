@@ -376,7 +376,7 @@ def report(run: Run, refs: dict, plain_refs: list[str], killed_port: str, final:
 
 SEEN = re.compile(
     r"generation (\d+) \(by \S+\) seen here ([\d.]+) s after its write: "
-    r"read on (\w+) after ([\d.]+) s, registered in ([\d.]+) s"
+    r"heard on (\w+) after ([\d.]+) s, read after ([\d.]+) s, registered in ([\d.]+) s"
 )
 
 
@@ -385,13 +385,14 @@ def slowest_seen(work: Path, top: int = 5) -> list[dict]:
     seen = []
     for log in sorted(work.glob("[ab].log")):
         for match in SEEN.finditer(log.read_text(errors="replace")):
-            generation, total, trigger, read, registered = match.groups()
+            generation, total, trigger, heard, read, registered = match.groups()
             seen.append(
                 {
                     "replica": log.stem,
                     "generation": int(generation),
                     "seen_s": float(total),
                     "trigger": trigger,
+                    "heard_after_s": float(heard),
                     "read_after_s": float(read),
                     "registered_in_s": float(registered),
                 }

@@ -133,6 +133,7 @@ class CapabilityService:
         self._woken = asyncio.Event()  # the listener heard of a change not yet read
         self._trigger = POLL  # what woke it first since the last sync
         self._announced: int | None = None  # the highest generation those wakes announced (None: unknown)
+        self._heard_at = 0.0  # when the first of those wakes came (wall clock, as manifests' updated_at)
         self._applied_at = 0.0  # monotonic time of the last `_apply`: the fallback poll counts from it
         self._followers: list[asyncio.Task] = []
 
@@ -173,7 +174,7 @@ class CapabilityService:
         generation they announce lets it skip the read when that is applied already (this replica's own
         write, heard back)."""
         if not self._woken.is_set():
-            self._trigger, self._announced = trigger, generation
+            self._trigger, self._announced, self._heard_at = trigger, generation, time.time()
             self._woken.set()
         elif self._announced is not None:
             self._announced = None if generation is None else max(self._announced, generation)
@@ -192,26 +193,32 @@ class CapabilityService:
                     pass
             woken = self._woken.is_set()
             trigger, announced = (self._trigger, self._announced) if woken else (POLL, None)
+            heard_at = self._heard_at if woken else time.time()
             self._woken.clear()  # a change heard from here on is read by the next sync
             try:
-                await self.sync(trigger, announced)
+                await self.sync(trigger, announced, heard_at)
             except Exception:  # a bad read must not end following; the next wake or poll tries again
                 logger.exception("capability registry sync failed")
                 self._applied_at = time.monotonic()  # retry after a poll interval, not in a tight loop
 
-    async def sync(self, trigger: str = POLL, announced: int | None = None) -> None:
+    async def sync(
+        self, trigger: str = POLL, announced: int | None = None, heard_at: float | None = None
+    ) -> None:
         """Bring this engine in line with the manifest on disk (what other replicas changed), unless the
-        generation a push `announced` is applied already."""
+        generation a push `announced` is applied already. `heard_at`: when the change was heard (default:
+        now)."""
+        heard_at = time.time() if heard_at is None else heard_at
         async with self._lock:
             if announced is not None and announced <= self._generation:
                 return
             self.metrics.syncs.labels(trigger).inc()
             manifest = await asyncio.to_thread(self.registry.read)
-            await self._apply(manifest, (trigger, time.time()))
+            await self._apply(manifest, (trigger, heard_at, time.time()))
 
-    async def _apply(self, manifest: Manifest, read: tuple[str, float] | None = None) -> None:
+    async def _apply(self, manifest: Manifest, read: tuple[str, float, float] | None = None) -> None:
         """Register new and changed entries, retire content no entry names any more, then switch the view.
-        Call with `_lock` held. `read`: what prompted the read of `manifest`, and when it was read."""
+        Call with `_lock` held. `read`: what prompted the read of `manifest`, when that was heard and when
+        the manifest was read."""
         old = self._view
         changed = False
         for name, entry in manifest.entries.items():
@@ -241,13 +248,13 @@ class CapabilityService:
             # Measured from the last manifest write this sync saw; hosts' clocks must agree (NTP).
             self._last_propagation = max(0.0, now - manifest.updated_at)
             self.metrics.propagation.observe(self._last_propagation)
-            if read is not None:  # where a slow propagation went: hearing and reading it, or registering
-                trigger, read_at = read
+            if read is not None:  # where a slow propagation went: hearing it, reading it, or registering
+                trigger, heard_at, read_at = read
                 logger.info(
-                    "capability registry generation %d (by %s) seen here %.3f s after its write: read on %s "
-                    "after %.3f s, registered in %.3f s",
+                    "capability registry generation %d (by %s) seen here %.3f s after its write: heard on %s "
+                    "after %.3f s, read after %.3f s, registered in %.3f s",
                     manifest.generation, manifest.writer, self._last_propagation, trigger,
-                    read_at - manifest.updated_at, now - read_at,
+                    max(0.0, heard_at - manifest.updated_at), read_at - manifest.updated_at, now - read_at,
                 )  # fmt: skip
         self._generation, self._last_sync, self._applied_at = manifest.generation, now, time.monotonic()
         self.metrics.registry_size.set(len(self._view))
