@@ -192,11 +192,10 @@ class CapabilityService:
                 except TimeoutError:
                     pass
             woken = self._woken.is_set()
-            trigger, announced = (self._trigger, self._announced) if woken else (POLL, None)
-            heard_at = self._heard_at if woken else time.time()
+            heard = (self._trigger, self._announced, self._heard_at) if woken else (POLL, None, None)
             self._woken.clear()  # a change heard from here on is read by the next sync
             try:
-                await self.sync(trigger, announced, heard_at)
+                await self.sync(*heard)
             except Exception:  # a bad read must not end following; the next wake or poll tries again
                 logger.exception("capability registry sync failed")
                 self._applied_at = time.monotonic()  # retry after a poll interval, not in a tight loop
