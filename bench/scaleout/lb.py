@@ -376,7 +376,8 @@ def report(run: Run, refs: dict, plain_refs: list[str], killed_port: str, final:
 
 SEEN = re.compile(
     r"generation (\d+) \(by \S+\) seen here ([\d.]+) s after its write: "
-    r"heard on (\w+) after ([\d.]+) s, read after ([\d.]+) s, registered in ([\d.]+) s"
+    r"heard on (\w+) after ([\d.]+) s, synced after ([\d.]+) s, locked after ([\d.]+) s, "
+    r"read after ([\d.]+) s, registered in ([\d.]+) s"
 )
 
 
@@ -385,7 +386,7 @@ def slowest_seen(work: Path, top: int = 5) -> list[dict]:
     seen = []
     for log in sorted(work.glob("[ab].log")):
         for match in SEEN.finditer(log.read_text(errors="replace")):
-            generation, total, trigger, heard, read, registered = match.groups()
+            generation, total, trigger, heard, synced, locked, read, registered = match.groups()
             seen.append(
                 {
                     "replica": log.stem,
@@ -393,6 +394,8 @@ def slowest_seen(work: Path, top: int = 5) -> list[dict]:
                     "seen_s": float(total),
                     "trigger": trigger,
                     "heard_after_s": float(heard),
+                    "synced_after_s": float(synced),
+                    "locked_after_s": float(locked),
                     "read_after_s": float(read),
                     "registered_in_s": float(registered),
                 }

@@ -56,6 +56,22 @@ class Applied:
         return (self.entry.sha256, self.strength, self.entry.mode, self.positions)
 
 
+@dataclass(frozen=True)
+class Read:
+    """How a sync came to read a manifest (wall clock, as its `updated_at`): what woke it, when that was
+    heard, when the sync ran, when it held the lock, and when the read returned. A slow propagation's log
+    line splits its time by these: push delivery, the event loop, the lock, the read."""
+
+    trigger: str
+    heard_at: float
+    asked_at: float
+    locked_at: float
+    read_at: float
+
+    def times(self) -> tuple[float, float, float, float]:
+        return self.heard_at, self.asked_at, self.locked_at, self.read_at
+
+
 def default_positions(entry: ManifestEntry) -> str:
     from unlock.ops import OPERATORS
 
@@ -206,18 +222,19 @@ class CapabilityService:
         """Bring this engine in line with the manifest on disk (what other replicas changed), unless the
         generation a push `announced` is applied already. `heard_at`: when the change was heard (default:
         now)."""
-        heard_at = time.time() if heard_at is None else heard_at
+        asked_at = time.time()
+        heard_at = asked_at if heard_at is None else heard_at
         async with self._lock:
             if announced is not None and announced <= self._generation:
                 return
+            locked_at = time.time()
             self.metrics.syncs.labels(trigger).inc()
             manifest = await asyncio.to_thread(self.registry.read)
-            await self._apply(manifest, (trigger, heard_at, time.time()))
+            await self._apply(manifest, Read(trigger, heard_at, asked_at, locked_at, time.time()))
 
-    async def _apply(self, manifest: Manifest, read: tuple[str, float, float] | None = None) -> None:
+    async def _apply(self, manifest: Manifest, read: Read | None = None) -> None:
         """Register new and changed entries, retire content no entry names any more, then switch the view.
-        Call with `_lock` held. `read`: what prompted the read of `manifest`, when that was heard and when
-        the manifest was read."""
+        Call with `_lock` held. `read`: how a sync came to read `manifest`, for the log."""
         old = self._view
         changed = False
         for name, entry in manifest.entries.items():
@@ -247,13 +264,14 @@ class CapabilityService:
             # Measured from the last manifest write this sync saw; hosts' clocks must agree (NTP).
             self._last_propagation = max(0.0, now - manifest.updated_at)
             self.metrics.propagation.observe(self._last_propagation)
-            if read is not None:  # where a slow propagation went: hearing it, reading it, or registering
-                trigger, heard_at, read_at = read
+            if read is not None:  # where a slow propagation went, each step's time counted from the write
+                since = [max(0.0, t - manifest.updated_at) for t in read.times()]
                 logger.info(
                     "capability registry generation %d (by %s) seen here %.3f s after its write: heard on %s "
-                    "after %.3f s, read after %.3f s, registered in %.3f s",
-                    manifest.generation, manifest.writer, self._last_propagation, trigger,
-                    max(0.0, heard_at - manifest.updated_at), read_at - manifest.updated_at, now - read_at,
+                    "after %.3f s, synced after %.3f s, locked after %.3f s, read after %.3f s, "
+                    "registered in %.3f s",
+                    manifest.generation, manifest.writer, self._last_propagation, read.trigger, *since,
+                    now - read.read_at,
                 )  # fmt: skip
         self._generation, self._last_sync, self._applied_at = manifest.generation, now, time.monotonic()
         self.metrics.registry_size.set(len(self._view))
