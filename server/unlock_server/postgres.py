@@ -43,6 +43,10 @@ LISTENER_KEEPALIVES = {
     "keepalives_interval": 3,
     "keepalives_count": 3,
 }
+# Connections kept open between registry operations. A new one costs the server a backend process and an
+# authentication, which on a busy host took a replica's read of a pushed change from milliseconds to tenths of
+# a second; two cover a sync's read beside an upload's transaction.
+IDLE_CONNECTIONS = 2
 REGISTRY_LOCK = 0x756E6C6F636B  # "unlock": the transaction lock every change takes first
 CHANNEL = "unlock_manifest"  # what manifest writes NOTIFY
 SCHEMA = """
@@ -94,6 +98,8 @@ class PostgresCoordination:
         self._lock_key = secrets.randbits(62)
         self._session: Any = None  # the connection that holds this writer's advisory lock
         self._session_lock = threading.Lock()
+        self._idle: list[Any] = []  # autocommit connections for reads and transactions, not in use
+        self._idle_lock = threading.Lock()
         self._joined = False
 
     @staticmethod
@@ -104,12 +110,37 @@ class PostgresCoordination:
             rest = f"{credentials.split(':', 1)[0]}:***@{host}" if ":" in credentials else rest
         return scheme + sep + rest
 
-    def _connect(self, autocommit: bool = False):
-        return self.psycopg.connect(self.url, autocommit=autocommit, **self._connect_options)
+    def _connect(self):
+        return self.psycopg.connect(self.url, autocommit=True, **self._connect_options)
+
+    @contextmanager
+    def _connection(self) -> Iterator[Any]:
+        """An autocommit connection: an idle one that still answers, else a new one. It goes back to the idle
+        ones after a use that ended cleanly, and is closed after one that raised."""
+        conn = self._reusable() or self._connect()
+        try:
+            yield conn
+        except BaseException:
+            conn.close()
+            raise
+        with self._idle_lock:
+            if len(self._idle) < IDLE_CONNECTIONS and not conn.closed:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def _reusable(self) -> Any:
+        while True:
+            with self._idle_lock:
+                if not self._idle:
+                    return None
+                conn = self._idle.pop()
+            if self._answers(conn):
+                return conn
 
     @contextmanager
     def locked(self) -> Iterator[PostgresTransaction]:
-        with self._connect() as conn, conn.transaction():  # commits on success, rolls back on error
+        with self._connection() as conn, conn.transaction():  # commits on success, rolls back on error
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (REGISTRY_LOCK,))
             conn.execute(SCHEMA)
             tx = PostgresTransaction(self, conn)
@@ -132,7 +163,7 @@ class PostgresCoordination:
         return DatabaseListener(connect, CHANNEL)
 
     def read(self) -> Manifest:
-        with self._connect(autocommit=True) as conn:
+        with self._connection() as conn:
             try:
                 row = conn.execute("SELECT document FROM unlock_manifest WHERE id = 1").fetchone()
             except self.psycopg.errors.UndefinedTable:
@@ -144,23 +175,31 @@ class PostgresCoordination:
         with self._session_lock:
             if self._session_usable():
                 return
-            self._session = self._connect(autocommit=True)
+            self._session = self._connect()
             self._session.execute("SELECT pg_advisory_lock(%s)", (self._lock_key,))
 
     def _session_usable(self) -> bool:
-        """Whether the liveness connection still holds the lock. A round trip, since a connection the server
-        dropped (a restart) looks open until it is used; one that fails is closed, to be made again."""
-        if self._session is None or self._session.closed or self._session.broken:
+        """Whether the liveness connection still holds the lock (a connection that answers keeps it)."""
+        return self._session is not None and self._answers(self._session)
+
+    def _answers(self, conn: Any) -> bool:
+        """Whether `conn` still works. A round trip, since a connection the server dropped (a restart) looks
+        open until it is used; one that fails is closed, to be made again."""
+        if conn.closed or conn.broken:
             return False
         try:
-            self._session.execute("SELECT 1")
+            conn.execute("SELECT 1")
         except self.psycopg.Error:
-            self._session.close()
+            conn.close()
             return False
         return True
 
     def close(self) -> None:
         self._joined = False
+        with self._idle_lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
         with self._session_lock:
             if self._session is not None:
                 # Unlock before closing: the server frees a closed session's locks only once its backend has

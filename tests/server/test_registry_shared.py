@@ -241,3 +241,31 @@ def test_a_closed_postgres_writer_is_not_live_the_moment_close_returns(postgres_
             assert closing.owner in live()
             closing.close()
             assert closing.owner not in live()
+
+
+def test_a_postgres_writer_reuses_its_connections_and_replaces_one_the_server_dropped(postgres_url):
+    """Reads and transactions go over kept connections (a new one costs the server a backend and an
+    authentication: tenths of a second on a busy host); one the server ended is noticed and replaced, so the
+    next read answers instead of failing."""
+    with psycopg.connect(postgres_url, autocommit=True) as observer:
+
+        def backends() -> set[int]:
+            rows = observer.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchall()
+            return {pid for (pid,) in rows}
+
+        registry = Registry(Path("/nonexistent"), PostgresCoordination(postgres_url))
+        coordination = registry.coordination
+        with coordination.locked() as tx:
+            tx.write(tx.read().successor({}, coordination.owner))
+        before = backends()
+        for _ in range(5):
+            coordination.read()
+            with coordination.locked() as tx:
+                tx.read()
+        assert len(before) == 1 and backends() == before  # the ten operations went over that one connection
+        for pid in before:
+            observer.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        assert coordination.read().generation == 1
+        coordination.close()
