@@ -229,12 +229,14 @@ class PostgresTransaction:
         return _manifest(self.conn.execute("SELECT document FROM unlock_manifest WHERE id = 1").fetchone())
 
     def write(self, manifest: Manifest) -> None:
+        # One round trip for the row and its notification: the time from the manifest's `updated_at` to the
+        # commit is time other replicas wait.
         self.conn.execute(
-            "INSERT INTO unlock_manifest (id, document) VALUES (1, %s) "
-            "ON CONFLICT (id) DO UPDATE SET document = EXCLUDED.document",
-            (json.dumps(manifest.document()),),
+            "WITH written AS (INSERT INTO unlock_manifest (id, document) VALUES (1, %s) "
+            "ON CONFLICT (id) DO UPDATE SET document = EXCLUDED.document RETURNING id) "
+            "SELECT pg_notify(%s, %s) FROM written",
+            (json.dumps(manifest.document()), CHANNEL, str(manifest.generation)),
         )
-        self.conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(manifest.generation)))
 
     def join(self) -> None:
         self.pg.hold_liveness()  # held before the row is visible: nobody sees this writer as dead

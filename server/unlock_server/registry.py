@@ -158,10 +158,10 @@ class Registry:
             previous = current.entries.get(entry.name)
             if previous is not None and previous.sha256 != entry.sha256 and not replace:
                 raise name_clash(entry.name, previous.sha256)
+            tx.unpin(entry.sha256)  # first: the write below is what other replicas wait for, nothing after it
             if previous is None or previous.sha256 != entry.sha256:
                 current = current.successor({**current.entries, entry.name: entry}, self.owner)
                 tx.write(current)
-            tx.unpin(entry.sha256)
             return current, previous
 
     def release(self, sha256: str) -> None:
