@@ -19,7 +19,9 @@ killed (SIGKILL) and restarted in the middle (issue 12). Prints and saves what h
   nothing lost and no blob left over.
 
 The replicas run the tiny random-weight test model (eager), each vLLM CPU engine on its own core
-(`VLLM_CPU_OMP_THREADS_BIND`), nginx from Debian's packages (`apt-get install nginx`).
+(`VLLM_CPU_OMP_THREADS_BIND`), nginx from Debian's packages (`apt-get install nginx`). The load clients run
+in processes of their own, so the propagation probes of this one are not slowed by their share of its
+interpreter lock.
 
   .venv/bin/python bench/scaleout/lb.py [--backend file|postgres] [--duration 150] [--out DIR]
 """
@@ -29,6 +31,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
+import multiprocessing.synchronize
 import os
 import random
 import re
@@ -156,7 +160,7 @@ def look(server: ServerProcess, name: str) -> tuple[str | None, float | None]:
     return (found[0]["sha256"] if found else None), body["registry"]["propagation"]
 
 
-def client_loop(lb: str, run: Run, stop: threading.Event, seed: int) -> None:
+def client_loop(lb: str, run: Run, stop: multiprocessing.synchronize.Event, seed: int) -> None:
     rng = random.Random(seed)
     with httpx.Client(base_url=lb, timeout=120, headers=headers()) as client:
         while not stop.is_set():
@@ -178,6 +182,16 @@ def client_loop(lb: str, run: Run, stop: threading.Event, seed: int) -> None:
             req.end = time.monotonic()
             with run.lock:
                 run.requests.append(req)
+
+
+def client_process(
+    lb: str, stop: multiprocessing.synchronize.Event, seed: int, out: multiprocessing.Queue
+) -> None:
+    """One load client in a process of its own: the admin loop's propagation probes, in the benchmark's main
+    process, then do not queue for the interpreter lock behind the clients' parsing of answers."""
+    run = Run()
+    client_loop(lb, run, stop, seed)
+    out.put([asdict(r) for r in run.requests])
 
 
 def admin_loop(lb: str, replicas: list[ServerProcess], run: Run, stop: threading.Event, seed: int) -> None:
@@ -429,12 +443,15 @@ def main() -> None:
             list(pool.map(lambda s: s.start(), (a, b)))
         proxy, lb = nginx(work, a.port, b.port)
         run, stop = Run(), threading.Event()
-        threads = [threading.Thread(target=client_loop, args=(lb, run, stop, args.seed + i))
+        forked = multiprocessing.get_context("fork")  # no thread of this process runs at this point
+        clients_stop, answers = forked.Event(), forked.Queue()
+        clients = [forked.Process(target=client_process, args=(lb, clients_stop, args.seed + i, answers))
                    for i in range(args.clients)]  # fmt: skip
-        threads.append(threading.Thread(target=admin_loop, args=(lb, [a, b], run, stop, args.seed)))
+        admin = threading.Thread(target=admin_loop, args=(lb, [a, b], run, stop, args.seed))
         started = time.monotonic()
-        for t in threads:
-            t.start()
+        for client in clients:
+            client.start()
+        admin.start()
         try:
             time.sleep(args.duration / 3)
             run.kill_at = time.monotonic()
@@ -448,8 +465,12 @@ def main() -> None:
             time.sleep(max(0.0, started + args.duration - time.monotonic()))
         finally:
             stop.set()
-            for t in threads:
-                t.join()
+            clients_stop.set()
+            for _ in clients:  # before joining: a process exits only once its answers are taken
+                run.requests += [Request(**r) for r in answers.get(timeout=600)]
+            for process in [*clients, admin]:
+                process.join()
+            run.requests.sort(key=lambda r: r.start)
         time.sleep(2 * POLL_S + 1)
         list_a, list_b = (_listing(s) for s in (a, b))
         expected = {}
