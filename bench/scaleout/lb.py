@@ -20,7 +20,7 @@ killed (SIGKILL) and restarted in the middle (issue 12). Prints and saves what h
 
 The replicas run the tiny random-weight test model (eager), each vLLM CPU engine on its own core
 (`VLLM_CPU_OMP_THREADS_BIND`), nginx from Debian's packages (`apt-get install nginx`). The load clients run
-in processes of their own, so the propagation probes of this one are not slowed by their share of its
+in a process of their own, so the propagation probes of this one are not slowed by their share of its
 interpreter lock.
 
   .venv/bin/python bench/scaleout/lb.py [--backend file|postgres] [--duration 150] [--out DIR]
@@ -184,13 +184,18 @@ def client_loop(lb: str, run: Run, stop: multiprocessing.synchronize.Event, seed
                 run.requests.append(req)
 
 
-def client_process(
-    lb: str, stop: multiprocessing.synchronize.Event, seed: int, out: multiprocessing.Queue
+def clients_process(
+    lb: str, stop: multiprocessing.synchronize.Event, seeds: list[int], out: multiprocessing.Queue
 ) -> None:
-    """One load client in a process of its own: the admin loop's propagation probes, in the benchmark's main
-    process, then do not queue for the interpreter lock behind the clients' parsing of answers."""
+    """The load clients, one thread each, in a process of their own: the admin loop's propagation probes, in
+    the benchmark's main process, then do not queue behind them for an interpreter lock. (One process for
+    all: sharing its lock bounds the load they make as it was when they ran beside the probes.)"""
     run = Run()
-    client_loop(lb, run, stop, seed)
+    threads = [threading.Thread(target=client_loop, args=(lb, run, stop, seed)) for seed in seeds]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     out.put([asdict(r) for r in run.requests])
 
 
@@ -445,12 +450,11 @@ def main() -> None:
         run, stop = Run(), threading.Event()
         forked = multiprocessing.get_context("fork")  # no thread of this process runs at this point
         clients_stop, answers = forked.Event(), forked.Queue()
-        clients = [forked.Process(target=client_process, args=(lb, clients_stop, args.seed + i, answers))
-                   for i in range(args.clients)]  # fmt: skip
+        seeds = [args.seed + i for i in range(args.clients)]
+        clients = forked.Process(target=clients_process, args=(lb, clients_stop, seeds, answers))
         admin = threading.Thread(target=admin_loop, args=(lb, [a, b], run, stop, args.seed))
         started = time.monotonic()
-        for client in clients:
-            client.start()
+        clients.start()
         admin.start()
         try:
             time.sleep(args.duration / 3)
@@ -466,10 +470,9 @@ def main() -> None:
         finally:
             stop.set()
             clients_stop.set()
-            for _ in clients:  # before joining: a process exits only once its answers are taken
-                run.requests += [Request(**r) for r in answers.get(timeout=600)]
-            for process in [*clients, admin]:
-                process.join()
+            run.requests += [Request(**r) for r in answers.get(timeout=600)]  # before the join: it waits
+            clients.join()  # for its answers to be taken
+            admin.join()
             run.requests.sort(key=lambda r: r.start)
         time.sleep(2 * POLL_S + 1)
         list_a, list_b = (_listing(s) for s in (a, b))
