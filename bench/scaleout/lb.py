@@ -400,18 +400,24 @@ SEEN = re.compile(
 )
 
 
+WRITTEN = re.compile(r"generation (\d+), committed ([\d.]+) s after its write")
+
+
 def slowest_seen(work: Path, top: int = 5) -> list[dict]:
-    """The replicas' own account of their slowest propagations (their log lines): where the time went."""
-    seen = []
-    for log in sorted(work.glob("[ab].log")):
-        for match in SEEN.finditer(log.read_text(errors="replace")):
+    """The replicas' own account of their slowest propagations (their log lines): where the time went, the
+    writer's commit included (None when its line is not in the logs)."""
+    seen, logs = [], {log.stem: log.read_text(errors="replace") for log in sorted(work.glob("[ab].log"))}
+    committed = {int(g): float(t) for text in logs.values() for g, t in WRITTEN.findall(text)}
+    for replica, text in logs.items():
+        for match in SEEN.finditer(text):
             generation, total, trigger, heard, synced, locked, read, registered = match.groups()
             seen.append(
                 {
-                    "replica": log.stem,
+                    "replica": replica,
                     "generation": int(generation),
                     "seen_s": float(total),
                     "trigger": trigger,
+                    "committed_after_s": committed.get(int(generation)),
                     "heard_after_s": float(heard),
                     "synced_after_s": float(synced),
                     "locked_after_s": float(locked),

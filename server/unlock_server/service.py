@@ -91,6 +91,13 @@ def _validate(data: bytes, shape: ModelShape, max_strength: float) -> Any:
     return capability
 
 
+def _written(manifest: Manifest, committed_at: float) -> str:
+    """For a write's log line: the other replicas' propagation is measured from the manifest's `updated_at`,
+    but they can only hear the write once it commits."""
+    after = committed_at - manifest.updated_at
+    return f"generation {manifest.generation}, committed {after:.3f} s after its write"
+
+
 def _entry(name: str, capability: Any, sha256: str, size: int) -> ManifestEntry:
     return ManifestEntry(
         name=name,
@@ -358,6 +365,7 @@ class CapabilityService:
                 await self._ensure_loaded(staged.sha256)
                 # Re-checks the name under the registry lock: another replica may have taken it meanwhile.
                 manifest, previous = await asyncio.to_thread(self.registry.publish, entry, replace)
+                committed = time.time()
             except Exception as err:  # refused, lost the name to another replica, or a disk error
                 await self._retire(staged.sha256)
                 try:
@@ -382,11 +390,12 @@ class CapabilityService:
                     logger.warning("could not remove replaced blob %s", previous.sha256[:12], exc_info=True)
         self.metrics.uploads.labels("replaced" if previous else "created").inc()
         logger.info(
-            "capability %r registered (sha256 %s, %s, layers %s)",
+            "capability %r registered (sha256 %s, %s, layers %s): %s",
             name,
             entry.sha256[:12],
             entry.mode,
             entry.layers,
+            _written(manifest, committed),
         )
         return self.public(self._view.get(name, entry)), True
 
@@ -394,6 +403,7 @@ class CapabilityService:
         async with self._lock:
             try:
                 manifest, entry = await asyncio.to_thread(self.registry.remove, name)
+                committed = time.time()
             except Exception as err:
                 fault = self._storage_fault(err, "delete")
                 if fault is None:
@@ -404,7 +414,12 @@ class CapabilityService:
             raise APIError(
                 404, f"no capability named {name!r}; GET /v1/capabilities lists them", param="name"
             )
-        logger.info("capability %r deleted (%d requests still using it)", name, self._in_flight[entry.sha256])
+        logger.info(
+            "capability %r deleted (%d requests still using it): %s",
+            name,
+            self._in_flight[entry.sha256],
+            _written(manifest, committed),
+        )
         return {"id": name, "object": "capability", "deleted": True}
 
     def _storage_fault(self, err: Exception, action: str) -> APIError | None:

@@ -25,7 +25,7 @@ from unlock_server.selection import Choice
 from unlock_server.service import CapabilityService, ModelShape
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench" / "scaleout"))
-from lb import SEEN, slowest_seen  # noqa: E402
+from lb import SEEN, WRITTEN, slowest_seen  # noqa: E402
 
 POLL = 0.1
 LONG_POLL = 30.0  # no poll in a test's time: only a push explains a change arriving
@@ -221,11 +221,15 @@ def test_a_replica_logs_where_a_slow_propagation_went(run_pair, backend, caplog,
         and heard <= synced <= locked <= read < 0.5 <= 1.0 <= registered
         and total == pytest.approx(read + registered, abs=0.01)
     )
+    written = [r.getMessage() for r in caplog.records if "registered (" in r.getMessage()]
+    (tmp_path / "a.log").write_text("\n".join(written) + "\n")
     (tmp_path / "b.log").write_text(f"INFO noise\n{seen[0]}\n")
+    committed = float(WRITTEN.search(written[0])[2])
+    assert 0 <= committed <= total
     assert slowest_seen(tmp_path) == [  # how bench/scaleout reports them
         {"replica": "b", "generation": int(match[1]), "seen_s": total, "trigger": pushed,
-         "heard_after_s": heard, "synced_after_s": synced, "locked_after_s": locked, "read_after_s": read,
-         "registered_in_s": registered}
+         "committed_after_s": committed, "heard_after_s": heard, "synced_after_s": synced,
+         "locked_after_s": locked, "read_after_s": read, "registered_in_s": registered}
     ]  # fmt: skip
 
 
