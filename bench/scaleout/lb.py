@@ -149,11 +149,13 @@ def sha_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def look(server: ServerProcess, name: str) -> tuple[str | None, float | None]:
-    """The sha256 `server` offers for `name` (ready; None when it does not) and its own measure of the last
-    change another replica made; raises while it is down. Reads the listing: one capability's own page also
-    summarizes its blob, too slow for a 50 ms check."""
-    r = httpx.get(f"{server.url}/v1/capabilities", headers=headers(), timeout=10)
+def look(probe: httpx.Client, name: str) -> tuple[str | None, float | None]:
+    """The sha256 the replica `probe` talks to offers for `name` (ready; None when it does not) and its own
+    measure of the last change another replica made; raises while it is down. Reads the listing: one
+    capability's own page also summarizes its blob, too slow for a 50 ms check. One kept client per replica:
+    a new one per check cost more than the check on a loaded host (the TLS context httpx builds for any
+    client)."""
+    r = probe.get("/v1/capabilities")
     r.raise_for_status()
     body = r.json()
     found = [c for c in body["data"] if c["name"] == name and c["status"] == "ready"]
@@ -205,6 +207,7 @@ def admin_loop(lb: str, replicas: list[ServerProcess], run: Run, stop: threading
     rng = random.Random(seed)
     versions = dict.fromkeys(NAMES, 0)
     present: dict[str, str] = {}
+    probes = [httpx.Client(base_url=r.url, timeout=10, headers=headers()) for r in replicas]
     with httpx.Client(base_url=lb, timeout=120, headers=headers()) as client:
         while not stop.is_set():
             name = rng.choice(NAMES)
@@ -223,15 +226,23 @@ def admin_loop(lb: str, replicas: list[ServerProcess], run: Run, stop: threading
             if r.status_code in (200, 201):
                 present.pop(name, None) if write.sha256 is None else present.__setitem__(name, write.sha256)
                 write.propagation, write.measured_there = wait_reflected(
-                    replicas, run.down, name, write.sha256, write.end, write.response
+                    replicas, probes, run.down, name, write.sha256, write.end, write.response
                 )
             with run.lock:
                 run.writes.append(write)
             time.sleep(rng.uniform(0.2, 1.0))
+    for probe in probes:
+        probe.close()
 
 
 def wait_reflected(
-    replicas: list[ServerProcess], down: set[int], name: str, sha: str | None, since: float, upstream: str
+    replicas: list[ServerProcess],
+    probes: list[httpx.Client],
+    down: set[int],
+    name: str,
+    sha: str | None,
+    since: float,
+    upstream: str,
 ) -> tuple[float | None, float | None]:
     """Seconds from `since` until every replica that is up offers `sha` under `name` (None: refuses it), the
     replicas not yet reflecting it asked at once every CHECK_S (None past a minute); and the delay measured by
@@ -239,7 +250,7 @@ def wait_reflected(
     pending, there = set(range(len(replicas))), None
     with ThreadPoolExecutor(len(replicas)) as pool:
         while time.monotonic() < since + 60:
-            asked = {i: pool.submit(look, replicas[i], name) for i in pending - down}
+            asked = {i: pool.submit(look, probes[i], name) for i in pending - down}
             for i, answer in asked.items():
                 try:
                     held, measured = answer.result()
