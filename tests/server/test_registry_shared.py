@@ -251,7 +251,8 @@ def test_a_postgres_writer_reuses_its_connections_and_replaces_one_the_server_dr
 
         def backends() -> set[int]:
             rows = observer.execute(
-                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                "SELECT pid FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
             ).fetchall()
             return {pid for (pid,) in rows}
 
