@@ -201,7 +201,9 @@ def clients_process(
     out.put([asdict(r) for r in run.requests])
 
 
-def admin_loop(lb: str, replicas: list[ServerProcess], run: Run, stop: threading.Event, seed: int) -> None:
+def admin_loop(
+    lb: str, replicas: list[ServerProcess], run: Run, stop: multiprocessing.synchronize.Event, seed: int
+) -> None:
     """Uploads, replaces and deletes through the balancer; after each, waits until every replica that is up
     reflects it (a replica that is down gets everything when it starts: the end state checks it)."""
     rng = random.Random(seed)
@@ -464,11 +466,11 @@ def main() -> None:
         with ThreadPoolExecutor(2) as pool:
             list(pool.map(lambda s: s.start(), (a, b)))
         proxy, lb = nginx(work, a.port, b.port)
-        run, stop = Run(), threading.Event()
+        run = Run()
         forked = multiprocessing.get_context("fork")  # no thread of this process runs at this point
-        clients_stop, answers = forked.Event(), forked.Queue()
+        stop, answers = forked.Event(), forked.Queue()  # one stop for the admin thread and the clients
         seeds = [args.seed + i for i in range(args.clients)]
-        clients = forked.Process(target=clients_process, args=(lb, clients_stop, seeds, answers))
+        clients = forked.Process(target=clients_process, args=(lb, stop, seeds, answers))
         admin = threading.Thread(target=admin_loop, args=(lb, [a, b], run, stop, args.seed))
         started = time.monotonic()
         clients.start()
@@ -486,7 +488,6 @@ def main() -> None:
             time.sleep(max(0.0, started + args.duration - time.monotonic()))
         finally:
             stop.set()
-            clients_stop.set()
             run.requests += [Request(**r) for r in answers.get(timeout=600)]  # before the join: it waits
             clients.join()  # for its answers to be taken
             admin.join()

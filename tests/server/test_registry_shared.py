@@ -256,8 +256,7 @@ def test_a_postgres_writer_reuses_its_connections_and_replaces_one_the_server_dr
             ).fetchall()
             return {pid for (pid,) in rows}
 
-        registry = Registry(Path("/nonexistent"), PostgresCoordination(postgres_url))
-        coordination = registry.coordination
+        coordination = PostgresCoordination(postgres_url)
         with coordination.locked() as tx:
             tx.write(tx.read().successor({}, coordination.owner))
         before = backends()
