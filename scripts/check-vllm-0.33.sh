@@ -14,6 +14,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=.venv-vllm033
+# A first install needs about 9 GB for the venv and, while pip runs, about 5 GB more for the wheels it
+# downloads (kept in no cache: a second install reuses the venv instead). Say so before starting, not as an
+# "[Errno 28] No space left on device" halfway through.
+need_gb=15
+free_gb=$(( $(df -Pk . | awk 'NR == 2 {print $4}') / 1024 / 1024 ))
+if [ ! -x "$venv/bin/python" ] && [ "$free_gb" -lt "$need_gb" ]; then
+  echo "check-vllm-0.33.sh: installing vllm 0.33 into $venv needs about $need_gb GB free here; $free_gb GB is" >&2
+  echo "  ($(df -Ph . | awk 'NR == 2 {print $4 " free on " $6}')). Free some space and run it again." >&2
+  exit 1
+fi
 # No GPU here, so vLLM cannot infer a device for its config defaults (the parser builds them): its CPU
 # platform stands in. Every import, seam, class and wiring checked below is the GPU wheel's own.
 export VLLM_TARGET_DEVICE=cpu
@@ -24,10 +34,10 @@ set +e  # keep going to the report; the status is the group's
   echo "# scripts/check-vllm-0.33.sh, $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD)"
   [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
   start=$SECONDS
-  { "$venv/bin/pip" install -q --upgrade pip
-    "$venv/bin/pip" install -q -e ".[gpu]" "pytest>=8" "pytest-timeout>=2.3" "psutil>=5.9"
+  { "$venv/bin/pip" install -q --no-cache-dir --upgrade pip
+    "$venv/bin/pip" install -q --no-cache-dir -e ".[gpu]" "pytest>=8" "pytest-timeout>=2.3" "psutil>=5.9"
   } > "$log.pip" 2>&1 || { cat "$log.pip"; exit 1; }
-  echo "install: $((SECONDS - start)) s, $(du -sh "$venv" | cut -f1) in $venv"
+  echo "install: $((SECONDS - start)) s, $(du -sh "$venv" | cut -f1) in $venv, $(df -Ph . | awk 'NR == 2 {print $4}') left free"
   "$venv/bin/python" -c "import vllm, torch; print('vllm', vllm.__version__, '| torch', torch.__version__)"
   echo "## 1. unlock-serve --help"
   "$venv/bin/unlock-serve" --help > "$log.help" 2> "$log.err" || { cat "$log.err"; exit 1; }
