@@ -91,9 +91,12 @@ def _validate(data: bytes, shape: ModelShape, max_strength: float) -> Any:
     return capability
 
 
-def _written(manifest: Manifest, committed_at: float) -> str:
+def _written(manifest: Manifest, began_at: float, committed_at: float) -> str:
     """For a write's log line: the other replicas' propagation is measured from the manifest's `updated_at`,
-    but they can only hear the write once it commits."""
+    but they can only hear the write once it commits. A manifest older than the call was not written by it
+    (another replica had published the same content under the name in between)."""
+    if manifest.updated_at < began_at:
+        return f"generation {manifest.generation}, already there (no write)"
     after = committed_at - manifest.updated_at
     return f"generation {manifest.generation}, committed {after:.3f} s after its write"
 
@@ -364,6 +367,7 @@ class CapabilityService:
             try:
                 await self._ensure_loaded(staged.sha256)
                 # Re-checks the name under the registry lock: another replica may have taken it meanwhile.
+                began = time.time()
                 manifest, previous = await asyncio.to_thread(self.registry.publish, entry, replace)
                 committed = time.time()
             except Exception as err:  # refused, lost the name to another replica, or a disk error
@@ -395,13 +399,14 @@ class CapabilityService:
             entry.sha256[:12],
             entry.mode,
             entry.layers,
-            _written(manifest, committed),
+            _written(manifest, began, committed),
         )
         return self.public(self._view.get(name, entry)), True
 
     async def delete(self, name: str) -> dict[str, Any]:
         async with self._lock:
             try:
+                began = time.time()
                 manifest, entry = await asyncio.to_thread(self.registry.remove, name)
                 committed = time.time()
             except Exception as err:
@@ -418,7 +423,7 @@ class CapabilityService:
             "capability %r deleted (%d requests still using it): %s",
             name,
             self._in_flight[entry.sha256],
-            _written(manifest, committed),
+            _written(manifest, began, committed),
         )
         return {"id": name, "object": "capability", "deleted": True}
 

@@ -233,6 +233,29 @@ def test_a_replica_logs_where_a_slow_propagation_went(run_pair, backend, caplog,
     ]  # fmt: skip
 
 
+def test_an_upload_another_replica_published_first_logs_no_write_of_its_own(run_pair, caplog):
+    """b's upload finds the same content named by a between b's look and b's publish: b writes nothing, and
+    its log line must not time a commit it did not make."""
+
+    async def scenario(a: CapabilityService, b: CapabilityService) -> None:
+        register = b.workers.register
+
+        async def a_publishes_first(path: str, sha256: str) -> None:
+            b.workers.register = register
+            await upload(a, V1)
+            await register(path, sha256)
+
+        b.workers.register = a_publishes_first
+        await upload(b, V1)
+        assert usable(b, "steer") == usable(a, "steer") is not None
+
+    with caplog.at_level(logging.INFO, logger="unlock_server.service"):
+        run_pair(scenario, poll=LONG_POLL)
+    written = [r.getMessage() for r in caplog.records if "registered (" in r.getMessage()]
+    assert len(written) == 2 and WRITTEN.search(written[0])
+    assert written[1].endswith("already there (no write)") and not WRITTEN.search(written[1])
+
+
 def test_writes_judge_conflicts_on_the_disk_not_a_stale_view(run_pair):
     async def scenario(a: CapabilityService, b: CapabilityService) -> None:
         b.poll_interval = 3600  # b (deaf) will not poll again: only its own writes read the disk
