@@ -23,7 +23,15 @@ The replicas run the tiny random-weight test model (eager), each vLLM CPU engine
 in a process of their own, so the propagation probes of this one are not slowed by their share of its
 interpreter lock.
 
-  .venv/bin/python bench/scaleout/lb.py [--backend file|postgres] [--duration 150] [--out DIR]
+`--engine-nice N` runs each replica's engine processes (engine core and worker, all their threads, after
+every start) at nice N. On a GPU host the forward passes run on the GPU, and the API server, the database
+and the listener never wait for a core behind them; here the two CPU engines keep both cores busy and
+everything else queues behind their threads. With N > 0 the engines still take every cycle nothing else
+wants (the load is the same), but a notification or a request is served as soon as it arrives. The saved
+files then end in `-nice{N}`.
+
+  .venv/bin/python bench/scaleout/lb.py [--backend file|postgres] [--duration 150] [--engine-nice 0]
+    [--out DIR]
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
+import psutil
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO / "tests"), str(REPO)]
@@ -338,15 +347,16 @@ def summary(delays: list[float]) -> dict[str, float | int | None]:
 
 def report(run: Run, refs: dict, plain_refs: list[str], killed_port: str, final: dict, args) -> dict:
     codes: dict[str, int] = {}
-    in_flight_on_killed = other_5xx = 0
-    mismatches, wrong_refusals, checked, refused_unknown = [], [], 0, 0
+    in_flight_on_killed = 0
+    mismatches, wrong_refusals, other_failures, checked, refused_unknown = [], [], [], 0, 0
     for r in run.requests:
         codes[str(r.status)] = codes.get(str(r.status), 0) + 1
         if r.status >= 500 or r.status == -1:
             if r.upstream.endswith(killed_port) and r.start <= run.kill_at <= r.end:
                 in_flight_on_killed += 1
-            else:
-                other_5xx += 1
+            else:  # with when it ran, from the kill, and how long it took
+                other_failures.append({**asdict(r), "start": round(r.start - run.kill_at, 2),
+                                       "end": round(r.end - run.kill_at, 2)})  # fmt: skip
         if r.status == 400 and "unknown capability" in r.error:
             refused_unknown += 1
             if None not in held_during(run.writes, r.name, r.start, r.end):
@@ -375,10 +385,12 @@ def report(run: Run, refs: dict, plain_refs: list[str], killed_port: str, final:
         "backend": args.backend,
         "duration_s": args.duration,
         "clients": args.clients,
+        "engine_nice": args.engine_nice,
         "requests": len(run.requests),
         "by_status": dict(sorted(codes.items())),
         "5xx_in_flight_on_killed_replica": in_flight_on_killed,
-        "5xx_other": other_5xx,
+        "5xx_other": len(other_failures),
+        "5xx_other_examples": other_failures[:5],  # start and end: seconds after the kill
         "refused_unknown_capability": refused_unknown,
         "refused_while_registered": len(wrong_refusals),
         "wrong_refusal_examples": wrong_refusals[:5],
@@ -447,6 +459,7 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=150, help="seconds of load (the kill is at a third)")
     p.add_argument("--clients", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine-nice", type=int, default=0, help="engine cores' nice (0: unchanged)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "scaleout" / "results")
     args = p.parse_args()
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
@@ -462,9 +475,14 @@ def main() -> None:
             env = {"VLLM_CPU_OMP_THREADS_BIND": core}
             return tiny_server(model, registry, work / f"{label}.log", *extra, env=env)
 
+        def start(server: ServerProcess, port: int | None = None) -> None:
+            server.start(port=port)
+            if args.engine_nice:
+                renice_engine(server, args.engine_nice)
+
         a, b = replica("a", "0"), replica("b", "1")
         with ThreadPoolExecutor(2) as pool:
-            list(pool.map(lambda s: s.start(), (a, b)))
+            list(pool.map(start, (a, b)))
         proxy, lb = nginx(work, a.port, b.port)
         run = Run()
         forked = multiprocessing.get_context("fork")  # no thread of this process runs at this point
@@ -482,7 +500,7 @@ def main() -> None:
             run.down.add(1)
             os.killpg(b.proc.pid, signal.SIGKILL)
             b.proc.wait()
-            b.start(port=b.port)  # the same port: nginx's upstream list names it
+            start(b, port=b.port)  # the same port: nginx's upstream list names it
             run.restarted_at = time.monotonic()
             run.down.discard(1)
             time.sleep(max(0.0, started + args.duration - time.monotonic()))
@@ -518,15 +536,28 @@ def main() -> None:
         a.stop()
     result = report(run, refs, plain_refs, killed_port, final, args)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"lb-{args.backend}.json"
+    stem = f"lb-{args.backend}" + (f"-nice{args.engine_nice}" if args.engine_nice else "")
+    path = args.out / f"{stem}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     events = [{"event": "write", **asdict(w)} for w in run.writes]
     events += [{"event": "kill", "at": run.kill_at}, {"event": "restarted", "at": run.restarted_at}]
-    with (args.out / f"lb-{args.backend}-events.jsonl").open("w") as f:
+    with (args.out / f"{stem}-events.jsonl").open("w") as f:
         f.writelines(json.dumps(e) + "\n" for e in sorted(events, key=lambda e: e.get("end", e.get("at"))))
     print(json.dumps({k: v for k, v in result.items() if k != "mismatch_examples"}, indent=1))
     print("wrote", path)
     shutil.rmtree(work, ignore_errors=True)
+
+
+def renice_engine(server: ServerProcess, nice: int) -> None:
+    """Set every thread of the replica's engine processes (its engine core and the worker that runs the
+    forward passes: every process the API server started) to `nice`. Linux keeps a nice per thread, and the
+    threads started later inherit it."""
+    engine = psutil.Process(server.proc.pid).children(recursive=True)
+    if not any("EngineCore" in p.name() for p in engine):
+        raise RuntimeError(f"no engine core process under {server.proc.pid}: {engine}")
+    for process in engine:
+        for thread in process.threads():
+            os.setpriority(os.PRIO_PROCESS, thread.id, nice)
 
 
 def _version_of(write: Write, writes: list[Write]) -> int:
