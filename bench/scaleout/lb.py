@@ -459,7 +459,7 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=150, help="seconds of load (the kill is at a third)")
     p.add_argument("--clients", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--engine-nice", type=int, default=0, help="engine cores' nice (0: unchanged)")
+    p.add_argument("--engine-nice", type=int, default=0, help="the engine processes' nice")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "scaleout" / "results")
     args = p.parse_args()
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")

@@ -45,7 +45,8 @@ LISTENER_KEEPALIVES = {
 }
 # Connections kept open between registry operations. A new one costs the server a backend process and an
 # authentication, which on a busy host took a replica's read of a pushed change from milliseconds to tenths of
-# a second; two cover a sync's read beside an upload's transaction.
+# a second. The serving replica makes one registry call at a time (each under its service lock), so it reuses
+# one; the second is for a caller on another thread beside it.
 IDLE_CONNECTIONS = 2
 REGISTRY_LOCK = 0x756E6C6F636B  # "unlock": the transaction lock every change takes first
 CHANNEL = "unlock_manifest"  # what manifest writes NOTIFY
