@@ -13,9 +13,12 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import torch
 
@@ -99,6 +102,34 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             return self.proc.wait(timeout=30)
+
+
+def engine_cores(server) -> list[psutil.Process]:
+    """vLLM's engine core processes under the server (they run the model)."""
+    cores = [
+        p
+        for p in psutil.Process(server.proc.pid).children(recursive=True)
+        if "EngineCore" in " ".join(p.cmdline())
+    ]
+    assert cores, "no VLLM::EngineCore process under the server"
+    return cores
+
+
+@contextmanager
+def engine_stopped(server) -> Iterator[None]:
+    """SIGSTOP vLLM's engine core process, SIGCONT on exit. The API process keeps serving, so requests are
+    accepted and counted, but none can finish meanwhile."""
+    cores = engine_cores(server)
+    for core in cores:
+        core.suspend()
+    try:
+        yield
+    finally:
+        for core in cores:
+            try:
+                core.resume()
+            except psutil.NoSuchProcess:  # killed while stopped, which is what some tests do
+                pass
 
 
 def tiny_server(

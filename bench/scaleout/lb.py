@@ -11,7 +11,9 @@ killed (SIGKILL) and restarted in the middle (issue 12). Prints and saves what h
     The replicas not yet reflecting it are asked at once every CHECK_S (50 ms) through their capability
     listing (no blob read); each figure includes that request's own time, long on a loaded machine;
   - `propagation_measured_by_the_other_replica_s`: the delay the replica the write did not go through
-    reports for it (`registry.propagation`: from the manifest write to the registration there);
+    reports for it (`registry.propagation`: from the manifest write until requests there see it; a new
+    content is offered once its registration is sent to the engine, and its first requests wait for the
+    engine's answer), and `registered_on_the_engine_after_write_s`, until that answer (the replicas' logs);
   and each replica's own histogram and syncs by trigger. The replicas hear changes pushed (inotify on the
   directory, LISTEN/NOTIFY with PostgreSQL) and poll only as the fallback, every POLL_S (the server's
   default);
@@ -421,21 +423,36 @@ def report(run: Run, refs: dict, plain_refs: list[str], killed_port: str, final:
 SEEN = re.compile(
     r"generation (\d+) \(by \S+\) seen here ([\d.]+) s after its write: "
     r"heard on (\w+) after ([\d.]+) s, synced after ([\d.]+) s, locked after ([\d.]+) s, "
-    r"read after ([\d.]+) s, registered in ([\d.]+) s"
+    r"read after ([\d.]+) s, offered in ([\d.]+) s"
+)
+# The engine's answer to that registration, which requests offered the change wait for (an engine step).
+REGISTERED = re.compile(
+    r"capability content [0-9a-f]+ of generation (\d+) \(by \S+\) registered on the engine ([\d.]+) s after"
 )
 
 
 WRITTEN = re.compile(r"generation (\d+), committed ([\d.]+) s after its write")
 
 
+def replica_logs(work: Path) -> dict[str, str]:
+    return {log.stem: log.read_text(errors="replace") for log in sorted(work.glob("[ab].log"))}
+
+
+def registrations(work: Path) -> dict[str, float | int | None]:
+    """Seconds from another replica's write until the engine here registered its content, over both
+    replicas' logs: what requests that arrive as soon as the change is offered wait for."""
+    return summary([float(t) for text in replica_logs(work).values() for _, t in REGISTERED.findall(text)])
+
+
 def slowest_seen(work: Path, top: int = 5) -> list[dict]:
     """The replicas' own account of their slowest propagations (their log lines): where the time went, the
     writer's commit included (None when its line is not in the logs)."""
-    seen, logs = [], {log.stem: log.read_text(errors="replace") for log in sorted(work.glob("[ab].log"))}
+    seen, logs = [], replica_logs(work)
     committed = {int(g): float(t) for text in logs.values() for g, t in WRITTEN.findall(text)}
     for replica, text in logs.items():
+        registered_after = {int(g): float(t) for g, t in REGISTERED.findall(text)}
         for match in SEEN.finditer(text):
-            generation, total, trigger, heard, synced, locked, read, registered = match.groups()
+            generation, total, trigger, heard, synced, locked, read, offered = match.groups()
             seen.append(
                 {
                     "replica": replica,
@@ -447,7 +464,8 @@ def slowest_seen(work: Path, top: int = 5) -> list[dict]:
                     "synced_after_s": float(synced),
                     "locked_after_s": float(locked),
                     "read_after_s": float(read),
-                    "registered_in_s": float(registered),
+                    "offered_in_s": float(offered),
+                    "registered_after_s": registered_after.get(int(generation)),  # None: a delete
                 }
             )
     return sorted(seen, key=lambda r: -r["seen_s"])[:top]
@@ -526,6 +544,7 @@ def main() -> None:
             "blobs_left_over": sorted(set(blobs) - set(expected.values())),
             "propagation_histograms": {label: _histogram(s) for label, s in (("a", a), ("b (restarted)", b))},
             "sync": {label: _sync(s) for label, s in (("a", a), ("b (restarted)", b))},
+            "registered_on_the_engine_after_write_s": registrations(work),
             "slowest_seen_by_replicas": slowest_seen(work),
         }
         proxy.terminate()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-# Seconds from another replica's manifest write until requests here see it (a new content registered and
-# usable, a deleted name refused): the listener's delivery (or, when polling, up to the poll interval, 2 s by
-# default) plus the registration itself; unregistering deleted content from the engine comes after.
+# Seconds from another replica's manifest write until requests here see it (a new content offered, a deleted
+# name refused): the listener's delivery (or, when polling, up to the poll interval, 2 s by default) plus the
+# read; the engine's registration (which the first requests wait for) and unregistering come after.
 PROPAGATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 30, 60)
 
 

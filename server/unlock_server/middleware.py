@@ -139,9 +139,7 @@ class SelectionMiddleware:
             else:
                 await self._guard(scope, body, receive)
         except APIError as err:
-            self.service.metrics.refusals.inc()
-            logger.info("%s refused: %s", scope["path"], err.message)
-            return await err.response()(scope, receive, send)
+            return await self._refuse(err, scope, receive, send)
         headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
         scope = {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
         if not steering:
@@ -204,6 +202,15 @@ class SelectionMiddleware:
 
         self.service.acquire(applied)
         try:
+            try:
+                await self.service.ready(applied)  # a change just read from another replica: one engine step
+            except APIError as err:
+                return await self._refuse(err, scope, receive, send)
             await self.app(scope, receive, send_with_header)
         finally:
             self.service.release(applied)
+
+    async def _refuse(self, err: APIError, scope: Scope, receive: Receive, send: Send) -> None:
+        self.service.metrics.refusals.inc()
+        logger.info("%s refused: %s", scope["path"], err.message)
+        await err.response()(scope, receive, send)

@@ -1,9 +1,10 @@
 """Capability lifecycle in the API process: upload, delete, resolve per request, in-flight tracking.
 
-Invariants: a capability is registered on every worker of this replica before its name is published, and
-before this replica offers a name another replica published; a name that is gone (deleted or replaced) is
-refused at once, but its worker registration is dropped only when no request in flight still uses that
-sha256 and no other name points at the same content.
+Invariants: a capability is registered on every worker of this replica before its name is published. A name
+another replica published is offered here as soon as its registration is sent to the workers; a request that
+selects it before they answer waits for the answer (`ready`: one engine step), and is refused if they refuse
+it. A name that is gone (deleted or replaced) is refused at once, but its worker registration is dropped only
+when no request in flight still uses that sha256 and no other name points at the same content.
 """
 
 from __future__ import annotations
@@ -152,6 +153,8 @@ class CapabilityService:
         self._last_sync = 0.0  # wall time of that
         self._last_propagation: float | None = None
         self._loaded: set[str] = set()  # sha256s registered on the workers
+        # sha256 -> its registration, sent to the workers and not answered yet; the result is the refusal
+        self._registering: dict[str, asyncio.Task[EngineRPCError | None]] = {}
         self._in_flight: Tally[str] = Tally()
         self._unavailable: dict[str, str] = {}  # name -> why it could not be registered here
         self._tasks: set[asyncio.Task] = set()
@@ -169,6 +172,8 @@ class CapabilityService:
         manifest = await asyncio.to_thread(self.registry.open)
         async with self._lock:
             await self._apply(manifest)
+        # Started means registered: the log below counts what the workers refused.
+        await asyncio.gather(*(asyncio.shield(task) for task in list(self._registering.values())))
         self.listener = self.registry.listener()
         logger.info(
             "capability registry %s (writer %s): %d capabilities, %d unavailable; changes by %s, polled "
@@ -184,9 +189,10 @@ class CapabilityService:
         self._followers = [loop.create_task(self._listen(self.listener)), loop.create_task(self._follow())]
 
     async def stop(self) -> None:
-        for task in self._followers:
+        tasks = [*self._followers, *self._registering.values()]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._followers, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self.registry.close()
 
     async def _listen(self, listener: ChangeListener) -> None:
@@ -247,19 +253,21 @@ class CapabilityService:
         Call with `_lock` held. `read`: how a sync came to read `manifest`, for the log."""
         old = self._view
         changed = False
+        foreign = manifest if self._last_sync and manifest.writer not in (None, self.registry.owner) else None
         for name, entry in manifest.entries.items():
             before = old.get(name)
             if before is not None and before.sha256 == entry.sha256:
                 continue
             changed = True
             try:
-                if entry.sha256 not in self._loaded:  # loaded means it was validated against this model
+                # Loaded or on its way means it was validated against this model.
+                if entry.sha256 not in self._loaded and entry.sha256 not in self._registering:
                     _validate(
                         self.registry.blob_path(entry.sha256).read_bytes(), self.shape, self.max_strength
                     )
-                    await self._ensure_loaded(entry.sha256)
+                    self._register(entry.sha256, foreign)  # not awaited: requests wait for it instead
                 self._unavailable.pop(name, None)
-            except (APIError, EngineRPCError, OSError) as err:
+            except (APIError, OSError) as err:
                 reason = err.message if isinstance(err, APIError) else str(err)
                 self._unavailable[name] = reason
                 logger.error("capability %r (%s) is unavailable: %s", name, entry.sha256[:12], reason)
@@ -270,7 +278,7 @@ class CapabilityService:
         now = time.time()  # requests see the change from here (usable, or refused), before any unregistering
         for sha256 in {e.sha256 for e in old.values()} - {e.sha256 for e in self._view.values()}:
             await self._retire(sha256)
-        if changed and self._last_sync and manifest.writer not in (None, self.registry.owner):
+        if changed and foreign is not None:
             # Measured from the last manifest write this sync saw; hosts' clocks must agree (NTP).
             self._last_propagation = max(0.0, now - manifest.updated_at)
             self.metrics.propagation.observe(self._last_propagation)
@@ -279,7 +287,7 @@ class CapabilityService:
                 logger.info(
                     "capability registry generation %d (by %s) seen here %.3f s after its write: heard on %s "
                     "after %.3f s, synced after %.3f s, locked after %.3f s, read after %.3f s, "
-                    "registered in %.3f s",
+                    "offered in %.3f s",
                     manifest.generation, manifest.writer, self._last_propagation, read.trigger, *since,
                     now - read.read_at,
                 )  # fmt: skip
@@ -442,14 +450,60 @@ class CapabilityService:
 
     async def _ensure_loaded(self, sha256: str) -> None:
         if sha256 not in self._loaded:
+            refusal = await asyncio.shield(self._register(sha256))
+            if refusal is not None:
+                raise refusal
+
+    def _register(self, sha256: str, written: Manifest | None = None) -> asyncio.Task[EngineRPCError | None]:
+        """Send `sha256` to the workers unless it is on its way already; the task answers with their refusal
+        (None: registered). `written`: another replica's manifest that named it, for the log."""
+        task = self._registering.get(sha256)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._registration(sha256, written))
+            self._registering[sha256] = task
+        return task
+
+    async def _registration(self, sha256: str, written: Manifest | None) -> EngineRPCError | None:
+        try:
             await self.workers.register(str(self.registry.blob_path(sha256)), sha256)
+        except Exception as err:  # refused, or the engine failed: the names offering it are unavailable here
+            refusal = err if isinstance(err, EngineRPCError) else EngineRPCError(str(err))
+            for name, entry in self._view.items():
+                if entry.sha256 == sha256:
+                    self._unavailable[name] = str(refusal)
+                    logger.error("capability %r (%s) is unavailable: %s", name, sha256[:12], refusal)
+            return refusal
+        else:
             self._loaded.add(sha256)
+            if written is not None:  # how long after another replica's write the engine here had it
+                since = max(0.0, time.time() - written.updated_at)
+                logger.info(
+                    "capability content %s of generation %d (by %s) registered on the engine %.3f s after "
+                    "its write",
+                    sha256[:12], written.generation, written.writer, since,
+                )  # fmt: skip
+            return None
+        finally:
+            del self._registering[sha256]
+            self.metrics.engine_capabilities.set(len(self._loaded))
+
+    async def ready(self, applied: list[Applied]) -> None:
+        """Wait until this replica's workers hold every content `applied` uses: one offered before they
+        answered its registration (another replica's change, just read) is waited for here, at most an
+        engine step. APIError (400) if they refused it."""
+        for a in applied:
+            task = self._registering.get(a.entry.sha256)
+            refusal = None if task is None else await asyncio.shield(task)
+            if refusal is not None:
+                raise APIError(400, f"capability {a.entry.name!r} is unavailable: {refusal}", param=PARAM)
 
     async def _retire(self, sha256: str) -> None:
         """Unregister content no name here points at, now if idle, else when its last request ends. The blob
         on disk is the registry's business: other replicas may still name it."""
         if self._referenced(sha256) or self._in_flight[sha256] > 0:
             return
+        if sha256 in self._registering:  # unregister after it is there, or the engine keeps it for good
+            await asyncio.shield(self._registering[sha256])
         if sha256 in self._loaded:
             self._loaded.discard(sha256)
             await self.workers.unregister(sha256)
@@ -502,7 +556,7 @@ class CapabilityService:
             self.metrics.in_flight.labels(a.entry.name).dec()
             if self._in_flight[sha] <= 0:
                 del self._in_flight[sha]
-                if not self._referenced(sha) and sha in self._loaded:
+                if not self._referenced(sha) and (sha in self._loaded or sha in self._registering):
                     task = asyncio.get_running_loop().create_task(self._retire_locked(sha))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)

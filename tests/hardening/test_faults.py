@@ -12,10 +12,8 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 
 import httpx
-import psutil
 import pytest
 from hardening_harness import (
     PROMPT,
@@ -25,7 +23,7 @@ from hardening_harness import (
     tiny_server,
     upload,
 )
-from serve_harness import capability_bytes
+from serve_harness import capability_bytes, engine_cores, engine_stopped
 
 KEEP = capability_bytes("keep", seed=31, strength=3.0)
 PARTIAL = capability_bytes("partial", seed=32, strength=3.0)
@@ -67,34 +65,6 @@ def kill_hard(server) -> None:
 def in_flight(server, name: str) -> int:
     """The server's own count of requests using `name`, from arrival to the last byte of the response."""
     return httpx.get(f"{server.url}/v1/capabilities/{name}", timeout=30).json()["in_flight"]
-
-
-def engine_cores(server) -> list[psutil.Process]:
-    """vLLM's engine core processes under the server (they run the model)."""
-    cores = [
-        p
-        for p in psutil.Process(server.proc.pid).children(recursive=True)
-        if "EngineCore" in " ".join(p.cmdline())
-    ]
-    assert cores, "no VLLM::EngineCore process under the server"
-    return cores
-
-
-@contextmanager
-def engine_stopped(server) -> Iterator[None]:
-    """SIGSTOP vLLM's engine core process, SIGCONT on exit. The API process keeps serving, so requests are
-    accepted and counted, but none can finish meanwhile."""
-    cores = engine_cores(server)
-    for core in cores:
-        core.suspend()
-    try:
-        yield
-    finally:
-        for core in cores:
-            try:
-                core.resume()
-            except psutil.NoSuchProcess:  # killed while stopped, which is what some tests do
-                pass
 
 
 def start_requests(server, name: str, n: int) -> list[tuple[threading.Thread, list]]:

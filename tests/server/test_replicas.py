@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from serve_harness import ServerProcess, capability_bytes, tiny_server
+from serve_harness import ServerProcess, capability_bytes, engine_stopped, tiny_server
 
 POLL_S = 30.0  # the fallback: a change that arrives within DEADLINE_S was pushed
 # The bound on propagation: the inotify event, registration on the engine and this test's own polling.
@@ -121,6 +121,32 @@ def test_upload_replace_delete_propagate_between_replicas(pair, registry_dir):
     assert (status["sync"], status["listening"]) == ("inotify", True)
     assert status["generation"] == 3 and status["lag"] < DEADLINE_S
     assert 0 <= status["propagation"] < DEADLINE_S
+
+
+def test_a_change_is_offered_while_the_engine_is_busy_and_its_requests_wait_for_it(pair):
+    """b's engine core is stopped (SIGSTOP), as in a step that does not end: a's upload is still listed ready
+    on b as soon as b reads it, and a request there waits in flight instead of being refused; once the
+    engine goes on, the request gets the same steered tokens as on a."""
+    a, b = pair
+    sha = None
+    with ThreadPoolExecutor(1) as pool:
+        with engine_stopped(b):
+            created = upload(a, V1)
+            assert created.status_code == 201, created.text
+            sha = created.json()["sha256"]
+            start = time.monotonic()
+            while listing(b) != [("steer", sha, "ready")]:  # before b's engine has registered it
+                assert time.monotonic() - start < DEADLINE_S, listing(b)
+                time.sleep(0.05)
+            waiting = pool.submit(complete, b, capabilities=["steer"])
+            while httpx.get(f"{b.url}/v1/capabilities/steer", timeout=30).json()["in_flight"] != 1:
+                assert time.monotonic() - start < DEADLINE_S and not waiting.done()
+                time.sleep(0.05)
+        response = waiting.result(timeout=120)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["text"] == steered(a)
+    assert httpx.delete(f"{a.url}/v1/capabilities/steer", timeout=30).status_code == 200
+    wait_for(b, None)
 
 
 def test_a_killed_replica_restarts_with_everything(pair, tiny_target_model, registry_dir):
