@@ -104,6 +104,11 @@ class ServerProcess:
             return self.proc.wait(timeout=30)
 
 
+def in_flight(server, name: str) -> int:
+    """The server's own count of requests using `name`, from arrival to the last byte of the response."""
+    return httpx.get(f"{server.url}/v1/capabilities/{name}", timeout=30).json()["in_flight"]
+
+
 def engine_cores(server) -> list[psutil.Process]:
     """vLLM's engine core processes under the server (they run the model)."""
     cores = [

@@ -23,7 +23,7 @@ from hardening_harness import (
     tiny_server,
     upload,
 )
-from serve_harness import capability_bytes, engine_cores, engine_stopped
+from serve_harness import capability_bytes, engine_cores, engine_stopped, in_flight
 
 KEEP = capability_bytes("keep", seed=31, strength=3.0)
 PARTIAL = capability_bytes("partial", seed=32, strength=3.0)
@@ -60,11 +60,6 @@ def kill_hard(server) -> None:
     """SIGKILL the whole process group: the API process and the engine core, as a power cut would."""
     os.killpg(server.proc.pid, signal.SIGKILL)
     server.proc.wait(timeout=60)
-
-
-def in_flight(server, name: str) -> int:
-    """The server's own count of requests using `name`, from arrival to the last byte of the response."""
-    return httpx.get(f"{server.url}/v1/capabilities/{name}", timeout=30).json()["in_flight"]
 
 
 def start_requests(server, name: str, n: int) -> list[tuple[threading.Thread, list]]:

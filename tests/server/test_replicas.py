@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from serve_harness import ServerProcess, capability_bytes, engine_stopped, tiny_server
+from serve_harness import ServerProcess, capability_bytes, engine_stopped, in_flight, tiny_server
 
 POLL_S = 30.0  # the fallback: a change that arrives within DEADLINE_S was pushed
 # The bound on propagation: the inotify event, registration on the engine and this test's own polling.
@@ -128,7 +128,6 @@ def test_a_change_is_offered_while_the_engine_is_busy_and_its_requests_wait_for_
     on b as soon as b reads it, and a request there waits in flight instead of being refused; once the
     engine goes on, the request gets the same steered tokens as on a."""
     a, b = pair
-    sha = None
     with ThreadPoolExecutor(1) as pool:
         with engine_stopped(b):
             created = upload(a, V1)
@@ -139,7 +138,7 @@ def test_a_change_is_offered_while_the_engine_is_busy_and_its_requests_wait_for_
                 assert time.monotonic() - start < DEADLINE_S, listing(b)
                 time.sleep(0.05)
             waiting = pool.submit(complete, b, capabilities=["steer"])
-            while httpx.get(f"{b.url}/v1/capabilities/steer", timeout=30).json()["in_flight"] != 1:
+            while in_flight(b, "steer") != 1:
                 assert time.monotonic() - start < DEADLINE_S and not waiting.done()
                 time.sleep(0.05)
         response = waiting.result(timeout=120)
